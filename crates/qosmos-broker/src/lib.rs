@@ -1,0 +1,1 @@
+//! `qosmos-broker`: placeholder, see ARCHITECTURE.md.

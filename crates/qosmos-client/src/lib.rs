@@ -1,0 +1,1 @@
+//! `qosmos-client`: placeholder, see ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! `qosmos-orders`: placeholder, see ARCHITECTURE.md.

@@ -1,0 +1,5 @@
+//! The `qosmos` command.
+
+fn main() {
+    println!("qosmos: under construction");
+}
