@@ -27,12 +27,16 @@
 //! tested implementation.
 
 pub mod index;
+pub mod packet;
+pub mod properties;
 pub mod qos;
 pub mod reason;
 pub mod string;
 pub mod topic;
 pub mod version;
 
+pub use packet::*;
+pub use properties::{Properties, Property, PropertyId};
 pub use qos::QoS;
 pub use reason::ReasonCode;
 pub use string::MqttStr;
