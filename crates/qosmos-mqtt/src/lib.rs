@@ -26,6 +26,8 @@
 //! codec to an I/O runtime. Writing it once, strictly, lets the broker and the client share one
 //! tested implementation.
 
+pub mod codec;
+pub mod error;
 pub mod index;
 pub mod packet;
 pub mod properties;
@@ -35,6 +37,8 @@ pub mod string;
 pub mod topic;
 pub mod version;
 
+pub use codec::{Decoder, Encoder, Role, decode_packet, encode_packet, encoded_len};
+pub use error::{DecodeError, EncodeError};
 pub use packet::*;
 pub use properties::{Properties, Property, PropertyId};
 pub use qos::QoS;
