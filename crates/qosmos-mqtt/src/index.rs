@@ -513,3 +513,132 @@ impl<'a, 't, K, V> Pending<'a, 't, K, V> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Nodes below the root, and leaves, counted without recursion.
+    fn counts<K, V>(index: &SubscriptionIndex<K, V>) -> (usize, usize) {
+        let mut nodes = 0;
+        let mut leaves = 0;
+        let mut stack = vec![&index.root];
+        while let Some(node) = stack.pop() {
+            leaves += usize::from(node.exact.is_some()) + usize::from(node.hash.is_some());
+            for child in node.literal.values().chain(node.plus.as_deref()) {
+                nodes += 1;
+                stack.push(child);
+            }
+        }
+        (nodes, leaves)
+    }
+
+    #[test]
+    fn prunes_only_the_unused_chain() {
+        let mut index = SubscriptionIndex::new();
+        index.insert("a/b/c/d", 1, ());
+        index.insert("a/b", 1, ());
+        index.insert("a/+/x/#", 1, ());
+        assert_eq!(counts(&index), (6, 3));
+
+        // a/b stays (it holds a subscription), c and d go.
+        assert_eq!(index.remove("a/b/c/d", &1), Some(()));
+        assert_eq!(counts(&index), (4, 2));
+
+        // The `#` leaf goes, and with it x and +; a and b stay.
+        assert_eq!(index.remove("a/+/x/#", &1), Some(()));
+        assert_eq!(counts(&index), (2, 1));
+
+        assert_eq!(index.remove("a/b", &1), Some(()));
+        assert_eq!(counts(&index), (0, 0));
+    }
+
+    #[test]
+    fn keeps_nodes_with_other_subscribers_or_leaves() {
+        let mut index = SubscriptionIndex::new();
+        index.insert("a/b", 1, ());
+        index.insert("a/b", 2, ());
+        index.insert("a/b/#", 1, ());
+        index.remove("a/b", &1);
+        assert_eq!(counts(&index), (2, 2));
+        index.remove("a/b", &2);
+        assert_eq!(counts(&index), (2, 1));
+        index.remove("a/b/#", &1);
+        assert_eq!(counts(&index), (0, 0));
+
+        index.insert("#", 1, ());
+        index.insert("+", 1, ());
+        assert_eq!(counts(&index), (1, 2));
+        index.remove("+", &1);
+        index.remove("#", &1);
+        assert_eq!(counts(&index), (0, 0));
+    }
+
+    #[test]
+    fn removing_a_missing_entry_changes_nothing() {
+        let mut index = SubscriptionIndex::new();
+        index.insert("a/b", 1, ());
+        assert_eq!(index.remove("a/b", &2), None);
+        assert_eq!(index.remove("a/b/c", &1), None);
+        assert_eq!(index.remove("a/#", &1), None);
+        assert_eq!(index.remove("a", &1), None);
+        assert_eq!(counts(&index), (2, 1));
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn pending_spills_past_its_inline_slots() {
+        let mut pending: Pending<'_, '_, (), ()> = Pending::new();
+        let node = Node::new();
+        for _ in 0..40 {
+            pending.push(&node, Some("x"));
+        }
+        let mut popped = 0;
+        while pending.pop().is_some() {
+            popped += 1;
+        }
+        assert_eq!(popped, 40);
+        assert!(pending.pop().is_none());
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "", "+"]), 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(mut levels, hash)| {
+                if hash || levels.is_empty() {
+                    levels.push("#");
+                }
+                levels.join("/")
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn removing_everything_frees_every_node(
+            entries in prop::collection::vec((filter(), 0u8..3), 0..30),
+            order in any::<prop::sample::Index>(),
+        ) {
+            let mut index = SubscriptionIndex::new();
+            for (filter, key) in &entries {
+                index.insert(filter, *key, ());
+            }
+            let mut entries = entries;
+            entries.sort();
+            entries.dedup();
+            if !entries.is_empty() {
+                let at = order.index(entries.len());
+                entries.rotate_left(at);
+            }
+            for (filter, key) in &entries {
+                prop_assert_eq!(index.remove(filter, key), Some(()));
+            }
+            prop_assert_eq!(counts(&index), (0, 0));
+            prop_assert!(index.is_empty());
+        }
+    }
+}
