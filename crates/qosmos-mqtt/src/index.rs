@@ -481,11 +481,14 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
 impl<K, V> ExactSizeIterator for Iter<'_, K, V> {}
 impl<K, V> FusedIterator for Iter<'_, K, V> {}
 
+/// A branch still to walk: a node and the topic levels left below it.
+type Branch<'a, 't, K, V> = (&'a Node<K, V>, Option<&'t str>);
+
 /// A small stack of branches still to walk, on the call stack unless the walk is unusual.
 struct Pending<'a, 't, K, V> {
-    inline: [Option<(&'a Node<K, V>, Option<&'t str>)>; 16],
+    inline: [Option<Branch<'a, 't, K, V>>; 16],
     len: usize,
-    spill: Vec<(&'a Node<K, V>, Option<&'t str>)>,
+    spill: Vec<Branch<'a, 't, K, V>>,
 }
 
 impl<'a, 't, K, V> Pending<'a, 't, K, V> {
@@ -505,7 +508,7 @@ impl<'a, 't, K, V> Pending<'a, 't, K, V> {
         self.len += 1;
     }
 
-    fn pop(&mut self) -> Option<(&'a Node<K, V>, Option<&'t str>)> {
+    fn pop(&mut self) -> Option<Branch<'a, 't, K, V>> {
         self.len = self.len.checked_sub(1)?;
         match self.inline.get_mut(self.len) {
             Some(slot) => slot.take(),
