@@ -2,6 +2,7 @@
 //!
 //! See [`SubscriptionIndex`].
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::collections::hash_map;
 use std::fmt;
@@ -304,7 +305,14 @@ impl<K: Eq + Hash, V> SubscriptionIndex<K, V> {
     }
 
     /// The value of the subscription of `key` to `filter`, if there is one.
-    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+    ///
+    /// Like [`HashMap::get`], `key` may be any borrowed form of `K` (a `&str` for `String`
+    /// keys, say).
+    pub fn get<Q>(&self, filter: &str, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let (steps, hash) = split_filter(filter);
         let mut node = &self.root;
         for step in steps {
@@ -314,7 +322,11 @@ impl<K: Eq + Hash, V> SubscriptionIndex<K, V> {
     }
 
     /// The value of the subscription of `key` to `filter`, mutably, if there is one.
-    pub fn get_mut(&mut self, filter: &str, key: &K) -> Option<&mut V> {
+    pub fn get_mut<Q>(&mut self, filter: &str, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let (steps, hash) = split_filter(filter);
         let mut node = &mut self.root;
         for step in steps {
@@ -332,7 +344,11 @@ impl<K: Eq + Hash, V> SubscriptionIndex<K, V> {
     ///
     /// Nodes left without subscriptions or children are freed, so an index whose entries
     /// were all removed holds no memory beyond its root.
-    pub fn remove(&mut self, filter: &str, key: &K) -> Option<V> {
+    pub fn remove<Q>(&mut self, filter: &str, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         // First pass, read-only: find the entry, and the highest edge below which the path
         // exists only for this filter: the subtree to cut if the end node empties.
         let (steps, hash) = split_filter(filter);
@@ -393,7 +409,11 @@ impl<K: Eq + Hash, V> SubscriptionIndex<K, V> {
 }
 
 /// Removes `key` from the exact or `#` leaf of `node`, dropping the leaf if it empties.
-fn remove_from_node<K: Eq + Hash, V>(node: &mut Node<K, V>, hash: bool, key: &K) -> Option<V> {
+fn remove_from_node<K, V, Q>(node: &mut Node<K, V>, hash: bool, key: &Q) -> Option<V>
+where
+    K: Eq + Hash + Borrow<Q>,
+    Q: Hash + Eq + ?Sized,
+{
     if hash {
         let leaf = node.hash.as_deref_mut()?;
         let value = leaf.entries.remove(key)?;

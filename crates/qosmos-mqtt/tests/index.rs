@@ -245,3 +245,13 @@ fn very_deep_filters_do_not_overflow_the_stack() {
         .join()
         .unwrap();
 }
+
+#[test]
+fn keys_can_be_looked_up_by_a_borrowed_form() {
+    let mut index: SubscriptionIndex<String, u8> = SubscriptionIndex::new();
+    index.insert("a/+", "client-1".to_owned(), 1);
+    assert_eq!(index.get("a/+", "client-1"), Some(&1));
+    *index.get_mut("a/+", "client-1").unwrap() += 1;
+    assert_eq!(index.remove("a/+", "client-1"), Some(2));
+    assert!(index.is_empty());
+}
