@@ -3,6 +3,7 @@
 use crate::packet::PacketType;
 use crate::properties::PropertyId;
 use crate::reason::ReasonCode;
+use crate::topic::TopicError;
 
 /// Why a packet could not be decoded.
 ///
@@ -82,10 +83,10 @@ pub enum DecodeError {
     /// A topic name with a wildcard, an empty topic name without a topic alias, or another invalid
     /// topic name.
     #[error("invalid topic name: {0}")]
-    InvalidTopicName(&'static str),
+    InvalidTopicName(TopicError),
     /// A syntactically invalid topic filter.
     #[error("invalid topic filter: {0}")]
-    InvalidTopicFilter(&'static str),
+    InvalidTopicFilter(TopicError),
     /// SUBSCRIBE or UNSUBSCRIBE with no topic filter.
     #[error("{0} with no topic filters")]
     NoTopicFilters(PacketType),

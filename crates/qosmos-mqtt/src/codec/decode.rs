@@ -8,6 +8,7 @@ use crate::properties::{Properties, Property, PropertyContext, PropertyId};
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
 use crate::string::MqttStr;
+use crate::topic;
 use crate::version::ProtocolVersion;
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -237,16 +238,9 @@ impl Decoder {
         } else {
             Properties::new()
         };
-        if topic.is_empty() {
-            if !v5 {
-                return Err(DecodeError::InvalidTopicName("empty"));
-            }
-            if properties.topic_alias().is_none() {
-                return Err(DecodeError::InvalidTopicName("empty without a topic alias"));
-            }
-        }
-        if topic.contains(['+', '#']) {
-            return Err(DecodeError::InvalidTopicName("wildcard in a topic name"));
+        // Under 5.0 an empty topic name stands for the one a Topic Alias maps to.
+        if !(topic.is_empty() && v5 && properties.topic_alias().is_some()) {
+            check_topic_name(&topic)?;
         }
         if properties.topic_alias() == Some(0) {
             return Err(DecodeError::ZeroTopicAlias);
@@ -366,12 +360,7 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             Properties::new()
         };
         let topic = r.string("the will topic")?;
-        if topic.is_empty() {
-            return Err(DecodeError::InvalidTopicName("empty will topic"));
-        }
-        if topic.contains(['+', '#']) {
-            return Err(DecodeError::InvalidTopicName("wildcard in the will topic"));
-        }
+        check_topic_name(&topic)?;
         let payload = r.binary("the will payload")?;
         if properties.payload_format_indicator() == Some(1)
             && std::str::from_utf8(&payload).is_err()
@@ -573,44 +562,12 @@ fn decode_auth(r: &mut Reader) -> Result<Auth, DecodeError> {
     })
 }
 
-/// Topic filter syntax (MQTT 4.7.1): wildcards are whole levels, `#` only last, and a shared
-/// subscription names a group and a filter.
 fn check_filter(f: &str) -> Result<(), DecodeError> {
-    if f.is_empty() {
-        return Err(DecodeError::InvalidTopicFilter("empty"));
-    }
-    let inner = if let Some(rest) = f.strip_prefix("$share/") {
-        let Some((group, inner)) = rest.split_once('/') else {
-            return Err(DecodeError::InvalidTopicFilter(
-                "shared subscription without a filter",
-            ));
-        };
-        if group.is_empty() || group.contains(['+', '#']) {
-            return Err(DecodeError::InvalidTopicFilter("invalid share name"));
-        }
-        if inner.is_empty() {
-            return Err(DecodeError::InvalidTopicFilter(
-                "shared subscription without a filter",
-            ));
-        }
-        inner
-    } else {
-        f
-    };
-    let mut levels = inner.split('/').peekable();
-    while let Some(level) = levels.next() {
-        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-            return Err(DecodeError::InvalidTopicFilter(
-                "'#' not alone as the last level",
-            ));
-        }
-        if level.contains('+') && level != "+" {
-            return Err(DecodeError::InvalidTopicFilter(
-                "'+' not alone in its level",
-            ));
-        }
-    }
-    Ok(())
+    topic::validate_topic_filter(f).map_err(DecodeError::InvalidTopicFilter)
+}
+
+fn check_topic_name(t: &str) -> Result<(), DecodeError> {
+    topic::validate_topic_name(t).map_err(DecodeError::InvalidTopicName)
 }
 
 /// A cursor over a frozen packet body; every read checks the length first.
@@ -747,7 +704,7 @@ impl Reader {
             I::ContentType => Property::ContentType(self.string("the content type")?),
             I::ResponseTopic => {
                 let t = self.string("the response topic")?;
-                if t.is_empty() || t.contains(['+', '#']) {
+                if topic::validate_topic_name(&t).is_err() {
                     return Err(DecodeError::InvalidPropertyValue(id));
                 }
                 Property::ResponseTopic(t)
