@@ -28,6 +28,8 @@
 
 pub mod codec;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod index;
 pub mod packet;
 pub mod properties;
