@@ -381,13 +381,14 @@ class Session:
             p.close()
 
 
-def paho_client(version: str, client_id: str, clean_session: bool | None = None) -> mqtt.Client:
+def paho_client(version: str, client_id: str, clean_session: bool | None = None, manual_ack: bool = False) -> mqtt.Client:
     protocol = mqtt.MQTTv5 if version == "v5" else mqtt.MQTTv311
     c = mqtt.Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=clean_session if version == "v311" else None,
         protocol=protocol,
+        manual_ack=manual_ack,
     )
     return c
 
@@ -556,8 +557,33 @@ def scenario_paho(s: Session, v: str) -> None:
         paho_connect(s, again, again_proxy)
         paho_stop(again, again_proxy, s)
 
+    scenario_paho_dup(s, v, pub)
     paho_stop(watcher, w_proxy, s)
     paho_stop(pub, pub_proxy, s)
+
+
+def scenario_paho_dup(s: Session, v: str, pub: mqtt.Client) -> None:
+    """A QoS 1 delivery left unacknowledged across a reconnect: redelivered with DUP=1."""
+    v5 = v == "v5"
+    session_kw = {"clean_start": True, "properties": props(PacketTypes.CONNECT, SessionExpiryInterval=60)} if v5 else {}
+    p1 = s.proxy("paho", v)
+    c1 = paho_client(v, f"cap-paho-dup-{v}", clean_session=False, manual_ack=True)  # never acks
+    c1.reconnect_delay_set(30, 60)
+    paho_connect(s, c1, p1, **session_kw)
+    c1.subscribe("cap/paho/dup", qos=1)
+    s.wait(p1, "s2c", "SUBACK")
+    pub.publish("cap/paho/dup", b"ack me later", qos=1).wait_for_publish(timeout=WAIT)
+    s.wait(p1, "s2c", "PUBLISH")
+    c1._sock.close()  # noqa: SLF001 - drop the connection with the PUBLISH unacknowledged
+    c1.loop_stop()
+
+    p2 = s.proxy("paho", v)
+    c2 = paho_client(v, f"cap-paho-dup-{v}", clean_session=False)
+    paho_connect(s, c2, p2, **({"clean_start": False} if v5 else {}))
+    s.wait(p2, "c2s", "PUBACK")
+    if not any(r.tag == p2.tag and r.name == "PUBLISH" and r.data[0] & 0x08 for r in s.recorder.records):
+        raise CaptureError("the broker did not redeliver with DUP=1")
+    paho_stop(c2, p2, s, **({"properties": props(PacketTypes.DISCONNECT, SessionExpiryInterval=0)} if v5 else {}))
 
 
 def scenario_paho_v5_broker_disconnect(s: Session) -> None:
