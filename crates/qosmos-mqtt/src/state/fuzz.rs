@@ -282,8 +282,16 @@ impl Sim {
         let Some(packet) = self.link(dir).pop_front() else {
             return;
         };
-        if times > 1 && matches!(&packet, Packet::Publish(p) if p.qos == QoS::AtMostOnce) {
+        let no_duplicate = match &packet {
             // TCP never duplicates, and QoS 0 is never resent: no QoS 0 duplicate exists.
+            Packet::Publish(p) if p.qos == QoS::AtMostOnce => true,
+            // A QoS 1 PUBLISH seen again on the same connection after its PUBACK is a new
+            // message by definition; in manual mode it opens an exchange the sender already
+            // finished, which only a broken sender (or link) can cause.
+            Packet::Publish(p) if p.qos == QoS::AtLeastOnce => self.manual,
+            _ => false,
+        };
+        if times > 1 && no_duplicate {
             return self.deliver_one(packet);
         }
         for _ in 1..times {

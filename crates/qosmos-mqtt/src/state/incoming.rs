@@ -1,7 +1,7 @@
 //! The receiving side of QoS 0, 1 and 2: acknowledgements, duplicate detection, Receive Maximum.
 
 use super::error::StateError;
-use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, Publish};
+use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, PubRel, Publish};
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
 use crate::version::ProtocolVersion;
@@ -70,23 +70,32 @@ pub struct IncomingStats {
 
 /// What an incoming exchange waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Exchange {
+enum Stage {
     /// Handed to the application, which has not acknowledged it yet (manual mode).
     AwaitingAck(QoS),
-    /// Acknowledged while disconnected; the PUBACK, or the failed PUBREC, goes out when the peer
-    /// resends the PUBLISH (it always does on a resumed session).
+    /// Acknowledged before the PUBLISH was seen on this connection; the PUBACK, or the failed
+    /// PUBREC, goes out when the peer resends the PUBLISH (it always does on a resumed session).
+    /// Answering earlier would let the resend, still on its way, look like a new message.
     ResponseOwed(QoS, ReasonCode),
     /// QoS 2: PUBREC sent (or owed), waiting for PUBREL.
     AwaitingPubRel,
 }
 
-impl Exchange {
+impl Stage {
     fn qos(self) -> QoS {
         match self {
-            Exchange::AwaitingAck(q) | Exchange::ResponseOwed(q, _) => q,
-            Exchange::AwaitingPubRel => QoS::ExactlyOnce,
+            Stage::AwaitingAck(q) | Stage::ResponseOwed(q, _) => q,
+            Stage::AwaitingPubRel => QoS::ExactlyOnce,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Exchange {
+    stage: Stage,
+    /// Its PUBLISH arrived on the current connection: it counts against Receive Maximum, whose
+    /// quota starts afresh with each connection [MQTT 4.9].
+    seen: bool,
 }
 
 /// The receiver of PUBLISH packets, for one session: acknowledges them, hands each QoS 2 message
@@ -134,6 +143,8 @@ pub struct Incoming {
     config: IncomingConfig,
     connected: bool,
     exchanges: HashMap<PacketId, Exchange>,
+    /// Exchanges with `seen` set.
+    in_window: usize,
     transmit: VecDeque<Packet>,
     stats: IncomingStats,
 }
@@ -146,6 +157,7 @@ impl Incoming {
             config,
             connected: false,
             exchanges: HashMap::new(),
+            in_window: 0,
             transmit: VecDeque::new(),
             stats: IncomingStats::default(),
         }
@@ -160,12 +172,15 @@ impl Incoming {
     /// - QoS 2: delivered once, the identifier remembered, PUBREC queued (automatic mode). A
     ///   PUBLISH with an identifier awaiting PUBREL, DUP or not, only gets PUBREC again.
     ///
+    /// Receive Maximum counts, per connection as the specification's send quota does, the
+    /// PUBLISH packets received on this connection not yet answered with PUBACK or PUBCOMP.
+    ///
     /// # Errors
     ///
-    /// [`StateError::ReceiveMaximumExceeded`] for a new QoS 1 or 2 exchange while Receive
-    /// Maximum are unacknowledged; [`StateError::PacketIdInUse`] when the identifier is held by
-    /// an exchange of the other QoS; [`StateError::PacketIdMismatch`] for a QoS that does not
-    /// fit the presence of an identifier. Nothing is delivered or queued.
+    /// [`StateError::ReceiveMaximumExceeded`] for a QoS 1 or 2 PUBLISH beyond Receive Maximum;
+    /// [`StateError::PacketIdInUse`] when the identifier is held by an exchange of the other
+    /// QoS; [`StateError::PacketIdMismatch`] for a QoS that does not fit the presence of an
+    /// identifier. Nothing is delivered or queued.
     pub fn handle_publish(&mut self, publish: Publish) -> Result<Option<Publish>, StateError> {
         let qos = publish.qos;
         let packet_id = match (qos, publish.packet_id) {
@@ -176,45 +191,44 @@ impl Incoming {
             (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) => id,
             _ => return Err(StateError::PacketIdMismatch { qos }),
         };
-        match self.exchanges.get(&packet_id).copied() {
-            None => {
-                if self.exchanges.len() >= usize::from(self.config.receive_maximum) {
-                    return Err(StateError::ReceiveMaximumExceeded {
-                        maximum: self.config.receive_maximum,
-                    });
-                }
-                match (self.config.ack_mode, qos) {
-                    (AckMode::Manual, _) => {
-                        self.exchanges.insert(packet_id, Exchange::AwaitingAck(qos));
-                    }
-                    (AckMode::Automatic, QoS::AtLeastOnce) => {
-                        self.send(Packet::PubAck(PubAck::new(packet_id)));
-                    }
-                    (AckMode::Automatic, _) => {
-                        self.exchanges.insert(packet_id, Exchange::AwaitingPubRel);
-                        self.send(Packet::PubRec(PubRec::new(packet_id)));
-                    }
-                }
-                self.stats.delivered += 1;
-                Ok(Some(publish))
-            }
-            Some(ex) if ex.qos() != qos => Err(StateError::PacketIdInUse { packet_id, qos }),
-            Some(Exchange::AwaitingAck(_)) => {
-                self.stats.duplicates += 1;
-                Ok(None)
-            }
-            Some(Exchange::ResponseOwed(_, reason)) => {
-                self.stats.duplicates += 1;
-                self.exchanges.remove(&packet_id);
-                self.respond(qos, packet_id, reason);
-                Ok(None)
-            }
-            Some(Exchange::AwaitingPubRel) => {
-                self.stats.duplicates += 1;
-                self.send(Packet::PubRec(PubRec::new(packet_id)));
-                Ok(None)
+        let existing = self.exchanges.get(&packet_id).copied();
+        if let Some(ex) = existing {
+            if ex.stage.qos() != qos {
+                return Err(StateError::PacketIdInUse { packet_id, qos });
             }
         }
+        if !existing.is_some_and(|ex| ex.seen)
+            && self.in_window >= usize::from(self.config.receive_maximum)
+        {
+            return Err(StateError::ReceiveMaximumExceeded {
+                maximum: self.config.receive_maximum,
+            });
+        }
+        let Some(ex) = existing else {
+            match (self.config.ack_mode, qos) {
+                (AckMode::Manual, _) => self.open(packet_id, Stage::AwaitingAck(qos)),
+                (AckMode::Automatic, QoS::AtLeastOnce) => {
+                    self.send(Packet::PubAck(PubAck::new(packet_id)));
+                }
+                (AckMode::Automatic, _) => {
+                    self.open(packet_id, Stage::AwaitingPubRel);
+                    self.send(Packet::PubRec(PubRec::new(packet_id)));
+                }
+            }
+            self.stats.delivered += 1;
+            return Ok(Some(publish));
+        };
+        self.stats.duplicates += 1;
+        self.mark_seen(packet_id);
+        match ex.stage {
+            Stage::AwaitingAck(_) => {}
+            Stage::ResponseOwed(_, reason) => {
+                self.close(packet_id);
+                self.respond(qos, packet_id, reason);
+            }
+            Stage::AwaitingPubRel => self.send(Packet::PubRec(PubRec::new(packet_id))),
+        }
+        Ok(None)
     }
 
     /// Acknowledges a QoS 1 or 2 message in [`AckMode::Manual`] with success.
@@ -232,14 +246,19 @@ impl Incoming {
     /// reason codes: there every acknowledgement is a success, and a caller that must refuse a
     /// message closes the connection instead.
     ///
-    /// While disconnected the response is owed, and sent when the peer resends the PUBLISH.
+    /// When the message arrived on an earlier connection (or we are disconnected), the response
+    /// is owed and sent when the peer resends the PUBLISH, which it does on a resumed session.
     ///
     /// # Errors
     ///
     /// [`StateError::PacketIdNotFound`] when no delivered message awaits an acknowledgement
     /// with this identifier (already acknowledged, or forgotten with the session): ignore it.
     pub fn ack_with(&mut self, packet_id: PacketId, reason: ReasonCode) -> Result<(), StateError> {
-        let Some(Exchange::AwaitingAck(qos)) = self.exchanges.get(&packet_id).copied() else {
+        let Some(Exchange {
+            stage: Stage::AwaitingAck(qos),
+            seen,
+        }) = self.exchanges.get(&packet_id).copied()
+        else {
             return Err(StateError::PacketIdNotFound {
                 packet: PacketType::Publish,
                 packet_id,
@@ -253,14 +272,15 @@ impl Incoming {
             self.stats.refused += 1;
         }
         if qos == QoS::ExactlyOnce && reason.is_success() {
-            self.exchanges.insert(packet_id, Exchange::AwaitingPubRel);
-            self.send(Packet::PubRec(PubRec::new(packet_id)));
-        } else if self.connected {
-            self.exchanges.remove(&packet_id);
+            self.set_stage(packet_id, Stage::AwaitingPubRel);
+            if seen {
+                self.send(Packet::PubRec(PubRec::new(packet_id)));
+            }
+        } else if seen {
+            self.close(packet_id);
             self.respond(qos, packet_id, reason);
         } else {
-            self.exchanges
-                .insert(packet_id, Exchange::ResponseOwed(qos, reason));
+            self.set_stage(packet_id, Stage::ResponseOwed(qos, reason));
         }
         Ok(())
     }
@@ -272,18 +292,18 @@ impl Incoming {
     /// # Errors
     ///
     /// [`StateError::UnexpectedPacket`] when the identifier's exchange has not sent PUBREC.
-    pub fn handle_pubrel(&mut self, rel: &crate::packet::PubRel) -> Result<(), StateError> {
+    pub fn handle_pubrel(&mut self, rel: &PubRel) -> Result<(), StateError> {
         let packet_id = rel.packet_id;
-        match self.exchanges.get(&packet_id).copied() {
-            Some(Exchange::AwaitingPubRel) => {
-                self.exchanges.remove(&packet_id);
+        match self.exchanges.get(&packet_id).map(|ex| ex.stage) {
+            Some(Stage::AwaitingPubRel) => {
+                self.close(packet_id);
                 self.send(Packet::PubComp(PubComp::new(packet_id)));
                 Ok(())
             }
-            Some(ex) => Err(StateError::UnexpectedPacket {
+            Some(stage) => Err(StateError::UnexpectedPacket {
                 packet: PacketType::PubRel,
                 packet_id,
-                expected: if ex.qos() == QoS::AtLeastOnce {
+                expected: if stage.qos() == QoS::AtLeastOnce {
                     PacketType::PubAck
                 } else {
                     PacketType::PubRec
@@ -311,6 +331,10 @@ impl Incoming {
     pub fn on_disconnect(&mut self) {
         self.connected = false;
         self.transmit.clear();
+        self.in_window = 0;
+        for ex in self.exchanges.values_mut() {
+            ex.seen = false;
+        }
     }
 
     /// A connection is established. Without `session_present` (the peer has no session, or we
@@ -324,8 +348,7 @@ impl Incoming {
         }
     }
 
-    /// Changes our Receive Maximum, for the next connection's CONNECT / CONNACK. Exchanges
-    /// already open are kept even above it.
+    /// Changes our Receive Maximum, for the next connection's CONNECT / CONNACK.
     pub fn set_receive_maximum(&mut self, receive_maximum: u16) {
         self.config.receive_maximum = receive_maximum;
     }
@@ -340,7 +363,7 @@ impl Incoming {
     pub fn awaiting_pubrel(&self) -> impl Iterator<Item = PacketId> + '_ {
         self.exchanges
             .iter()
-            .filter(|(_, ex)| matches!(ex, Exchange::AwaitingPubRel))
+            .filter(|(_, ex)| ex.stage == Stage::AwaitingPubRel)
             .map(|(id, _)| *id)
     }
 
@@ -351,11 +374,18 @@ impl Incoming {
     ///
     /// [`StateError::PacketIdInUse`] when another exchange holds it.
     pub fn restore_awaiting_pubrel(&mut self, packet_id: PacketId) -> Result<(), StateError> {
-        match self.exchanges.get(&packet_id) {
-            None | Some(Exchange::AwaitingPubRel) => {
-                self.exchanges.insert(packet_id, Exchange::AwaitingPubRel);
+        match self.exchanges.get(&packet_id).map(|ex| ex.stage) {
+            None => {
+                self.exchanges.insert(
+                    packet_id,
+                    Exchange {
+                        stage: Stage::AwaitingPubRel,
+                        seen: false,
+                    },
+                );
                 Ok(())
             }
+            Some(Stage::AwaitingPubRel) => Ok(()),
             Some(_) => Err(StateError::PacketIdInUse {
                 packet_id,
                 qos: QoS::ExactlyOnce,
@@ -363,9 +393,14 @@ impl Incoming {
         }
     }
 
-    /// Number of QoS 1 and 2 exchanges counted against our Receive Maximum.
+    /// Number of open QoS 1 and 2 exchanges, from this connection and earlier ones.
     pub fn unacknowledged(&self) -> usize {
         self.exchanges.len()
+    }
+
+    /// Number of exchanges counted against our Receive Maximum on this connection.
+    pub fn in_window(&self) -> usize {
+        self.in_window
     }
 
     /// Whether [`Incoming::resume`] was called since the last [`Incoming::on_disconnect`].
@@ -381,6 +416,37 @@ impl Incoming {
     /// The counters.
     pub fn stats(&self) -> &IncomingStats {
         &self.stats
+    }
+
+    /// Records a new exchange whose PUBLISH just arrived.
+    fn open(&mut self, packet_id: PacketId, stage: Stage) {
+        self.exchanges
+            .insert(packet_id, Exchange { stage, seen: true });
+        self.in_window += 1;
+    }
+
+    fn mark_seen(&mut self, packet_id: PacketId) {
+        if let Some(ex) = self.exchanges.get_mut(&packet_id) {
+            if !ex.seen {
+                ex.seen = true;
+                self.in_window += 1;
+            }
+        }
+    }
+
+    fn set_stage(&mut self, packet_id: PacketId, stage: Stage) {
+        if let Some(ex) = self.exchanges.get_mut(&packet_id) {
+            ex.stage = stage;
+        }
+    }
+
+    /// Forgets an exchange: its PUBACK, PUBCOMP or failed PUBREC is being sent.
+    fn close(&mut self, packet_id: PacketId) {
+        if let Some(ex) = self.exchanges.remove(&packet_id) {
+            if ex.seen {
+                self.in_window -= 1;
+            }
+        }
     }
 
     fn respond(&mut self, qos: QoS, packet_id: PacketId, reason: ReasonCode) {
