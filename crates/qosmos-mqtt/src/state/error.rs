@@ -52,9 +52,9 @@ pub enum StateError {
         qos: QoS,
     },
     /// A QoS 1 or 2 PUBLISH arrived while Receive Maximum exchanges were already unacknowledged
-    /// [MQTT-3.3.4-9].
+    /// on this connection (MQTT 5.0 section 4.9, Flow Control).
     ///
-    /// Close the connection with Receive Maximum exceeded (0x93) [MQTT-3.3.4-8 / 4.9].
+    /// Close the connection with Receive Maximum exceeded (0x93).
     #[error("more than Receive Maximum ({maximum}) unacknowledged QoS 1 and 2 PUBLISH packets")]
     ReceiveMaximumExceeded {
         /// Our Receive Maximum.

@@ -19,7 +19,8 @@ enum Role {
     /// Ping after `interval` without sending or without receiving; expire `ping_timeout` after
     /// a ping with nothing received.
     Client { ping_timeout: Duration },
-    /// Expire after one and a half `interval` without receiving [MQTT-3.1.2-22].
+    /// Expire after one and a half `interval` without receiving ([MQTT-3.1.2-22] in 5.0,
+    /// [MQTT-3.1.2-24] in 3.1.1).
     Server,
 }
 
@@ -61,7 +62,8 @@ impl KeepAlive {
     /// A client's timer for a keep alive of `seconds` (the CONNECT value, or the CONNACK's Server
     /// Keep Alive when present), started at `now` (CONNECT sent).
     ///
-    /// It asks for a PINGREQ when nothing was sent for the interval [MQTT-3.1.2-23], and also
+    /// It asks for a PINGREQ when nothing was sent for the interval (the client must not stay
+    /// silent longer than the keep alive), and also
     /// when nothing was received for it, so that a connection that only sends still notices a
     /// dead peer. A PINGREQ not answered (by any packet) within the keep alive interval means
     /// the connection is dead; see [`KeepAlive::with_ping_timeout`].

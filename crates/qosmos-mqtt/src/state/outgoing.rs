@@ -228,6 +228,14 @@ struct Entry {
 ///
 /// Publishing while disconnected is allowed: the message waits in the pending queue.
 ///
+/// There is no retransmission timer, so no `poll_timeout`: MQTT resends only when a session
+/// resumes on a new connection [MQTT-4.4.0-1], never on a timer within one (TCP does that).
+///
+/// The window counts every exchange whose PUBLISH or PUBREL went out on this connection and
+/// is not finished, and a new message enters it only when fewer than Receive Maximum are in
+/// flight in total. That is a little stricter than the specification's send quota (which a
+/// PUBREL does not use) and is what keeps a resumed session within a lowered Receive Maximum.
+///
 /// # Example
 ///
 /// ```
@@ -443,7 +451,7 @@ impl Outgoing {
     /// A connection is established (CONNACK sent or received).
     ///
     /// With `session_present`, every inflight exchange is sent again in its original order
-    /// [MQTT-4.4.0-1]: PUBLISH with DUP set and the same packet identifier for the unacknowledged
+    /// ([MQTT-4.4.0-1], [MQTT-4.6.0-1]): PUBLISH with DUP set and the same packet identifier for the unacknowledged
     /// ones, PUBREL for those awaiting PUBCOMP; at most Receive Maximum of them, the rest as room
     /// frees up. Then pending messages follow.
     ///
