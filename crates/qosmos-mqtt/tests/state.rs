@@ -656,6 +656,109 @@ fn awaiting_pubrel_survives_a_snapshot_and_a_lost_session_forgets_it() {
     );
 }
 
+#[test]
+fn receive_maximum_counts_per_connection() {
+    let config = IncomingConfig::default().receive_maximum(1);
+    let mut inc = receiver(ProtocolVersion::V5, config);
+    inc.handle_publish(incoming_publish(QoS::ExactlyOnce, 1, "a"))
+        .expect("ok");
+    assert_eq!(inc.in_window(), 1);
+    // The connection drops before PUBREL; the new connection starts a fresh quota, and the
+    // exchange carried over only counts again once its PUBLISH is resent.
+    inc.on_disconnect();
+    inc.resume(true);
+    assert_eq!((inc.unacknowledged(), inc.in_window()), (1, 0));
+    inc.handle_pubrel(&PubRel::new(pid(1))).expect("known");
+    assert!(
+        inc.handle_publish(incoming_publish(QoS::ExactlyOnce, 2, "b"))
+            .expect("ok")
+            .is_some()
+    );
+}
+
+#[test]
+fn manual_ack_of_a_carried_over_message_waits_for_its_resend() {
+    let config = IncomingConfig::default().ack_mode(AckMode::Manual);
+    let mut inc = receiver(ProtocolVersion::V5, config);
+    let one = incoming_publish(QoS::AtLeastOnce, 1, "one");
+    inc.handle_publish(one.clone()).expect("ok");
+    inc.on_disconnect();
+    inc.resume(true);
+    // Acknowledged on the new connection before the sender's resend arrives: answering now
+    // would make the resend, already on its way, look like a new message.
+    inc.ack(pid(1)).expect("delivered");
+    assert!(inc.poll_transmit().is_none());
+    assert_eq!(inc.handle_publish(one.clone()).expect("ok"), None);
+    assert_eq!(
+        drain_in(&mut inc),
+        vec![Packet::PubAck(PubAck::new(pid(1)))]
+    );
+    // Now it is over: the identifier names a new message.
+    assert!(inc.handle_publish(one).expect("ok").is_some());
+}
+
+#[test]
+fn end_to_end_qos2_over_a_reconnect() {
+    let mut out = connected(OutgoingConfig::default(), 10);
+    let mut inc = receiver(ProtocolVersion::V5, IncomingConfig::default());
+    let ticket = out.publish(msg(QoS::ExactlyOnce, "order")).expect("sent");
+    let mut delivered = 0;
+    // PUBLISH arrives, PUBREC is lost with the connection.
+    for p in drain(&mut out) {
+        if let Packet::Publish(p) = p {
+            delivered += usize::from(inc.handle_publish(p).expect("ok").is_some());
+        }
+    }
+    drain_in(&mut inc);
+    out.on_disconnect();
+    inc.on_disconnect();
+    inc.resume(true);
+    assert!(out.resume(true).is_empty());
+    let mut done = None;
+    for _ in 0..4 {
+        for p in drain(&mut out) {
+            match p {
+                Packet::Publish(p) => {
+                    assert!(p.dup);
+                    delivered += usize::from(inc.handle_publish(p).expect("ok").is_some());
+                }
+                Packet::PubRel(r) => inc.handle_pubrel(&r).expect("known"),
+                other => panic!("unexpected {:?}", other.packet_type()),
+            }
+        }
+        for p in drain_in(&mut inc) {
+            match p {
+                Packet::PubRec(r) => assert_eq!(out.handle_pubrec(&r), Ok(None)),
+                Packet::PubComp(c) => done = Some(out.handle_pubcomp(&c).expect("in flight")),
+                other => panic!("unexpected {:?}", other.packet_type()),
+            }
+        }
+    }
+    assert_eq!(delivered, 1);
+    let done = done.expect("completed");
+    assert_eq!((done.ticket, done.accepted), (ticket, true));
+    assert!(out.is_idle());
+    assert_eq!(inc.unacknowledged(), 0);
+}
+
+#[test]
+fn restore_while_connected_sends_at_once() {
+    let mut out = connected(OutgoingConfig::default(), 10);
+    let mut stored = msg(QoS::AtLeastOnce, "stored");
+    stored.packet_id = Some(pid(40));
+    let t = out
+        .restore_inflight(pid(40), Inflight::AwaitingPubAck(stored))
+        .expect("free");
+    assert_eq!(
+        publishes(&drain(&mut out)),
+        vec![(Some(40), true, "stored".into())]
+    );
+    assert_eq!(
+        out.handle_puback(&PubAck::new(pid(40))).map(|c| c.ticket),
+        Ok(t)
+    );
+}
+
 // ---------------------------------------------------------------- KeepAlive
 
 #[test]
