@@ -35,6 +35,7 @@ pub mod packet;
 pub mod properties;
 pub mod qos;
 pub mod reason;
+pub mod state;
 pub mod string;
 pub mod topic;
 pub mod version;
