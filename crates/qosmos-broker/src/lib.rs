@@ -1,77 +1,45 @@
-//! The qosmos MQTT broker (skeleton; see issue 3).
-#![allow(missing_docs)]
+//! The qosmos MQTT broker: MQTT 3.1.1 and 5.0, embeddable, observable.
+//!
+//! `qosmos-broker` is the broker `qosmos serve` embeds so that one machine needs nothing else,
+//! and the one `qosmos broker` runs alone. It is a thin shell over `qosmos-mqtt`: one tokio task
+//! per connection decodes packets and drives the shared QoS state machines
+//! ([`qosmos_mqtt::state`]); a subscription index routes each message to its sessions.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), qosmos_broker::BrokerError> {
+//! use qosmos_broker::{Broker, Config};
+//! let mut config = Config::default();
+//! config.mqtt_addr = "127.0.0.1:0".parse().unwrap();
+//! let broker = Broker::bind(config).await?;
+//! println!("MQTT on {}", broker.mqtt_addr());
+//! broker.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! # What it does
+//! Sessions (clean and persistent, 5.0 session expiry, takeover), QoS 0/1/2 both ways with
+//! delivery QoS = min(published, granted), redelivery with DUP on resume, retained messages,
+//! wills (with 5.0 will delay), `$SYS/` statistics, 5.0 reason codes, Receive Maximum and Maximum
+//! Packet Size both ways, incoming topic aliases, subscription options and identifiers, shared
+//! subscriptions (`$share/{group}/{filter}`, round robin preferring online members), limits that
+//! count what they drop ([`Limits`], [`Metrics`]), and an admin HTTP API ([`BrokerHandle`]).
+//!
+//! # What it does not do (yet)
+//! Durable storage (`data_dir` is accepted but state is kept in memory only), authentication
+//! and authorization (every client is allowed; enhanced authentication is refused), TLS and
+//! WebSocket listeners, outgoing topic aliases (allowed by the specification: the broker never
+//! needs to send them), clustering (use EMQX, VerneMQ or HiveMQ past one machine).
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+mod admin;
+mod config;
+mod connection;
+mod hub;
+mod metrics;
+mod server;
+mod session;
+mod sys;
 
-/// Broker limits.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub max_packet_size: u32,
-    pub receive_maximum: u16,
-    pub max_queued_messages: usize,
-    pub max_queued_bytes: usize,
-    pub connect_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 100_000,
-            max_packet_size: 1 << 20,
-            receive_maximum: 1024,
-            max_queued_messages: 100_000,
-            max_queued_bytes: 256 << 20,
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Broker configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub mqtt_addr: SocketAddr,
-    pub http_addr: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub limits: Limits,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-}
-
-/// A bound broker, ready to run.
-pub struct Broker {
-    listener: tokio::net::TcpListener,
-}
-
-impl Broker {
-    /// Binds the listeners.
-    pub async fn bind(config: Config) -> Result<Broker, BrokerError> {
-        let listener = tokio::net::TcpListener::bind(config.mqtt_addr)
-            .await
-            .map_err(|source| BrokerError::Bind { addr: config.mqtt_addr, source })?;
-        Ok(Broker { listener })
-    }
-
-    /// The MQTT listener's address.
-    pub fn mqtt_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    /// The admin HTTP address, if any.
-    pub fn http_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    /// Serves until `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
-        shutdown.await;
-        Ok(())
-    }
-}
+pub use admin::{BrokerHandle, ClientInfo, SubscriptionInfo};
+pub use config::{Config, Limits};
+pub use metrics::Metrics;
+pub use server::{Broker, BrokerError};

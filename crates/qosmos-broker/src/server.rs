@@ -1,0 +1,161 @@
+//! Listening, accepting, and shutting down.
+
+use crate::admin::BrokerHandle;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// Why the broker could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// A broker with its listeners bound, ready to [`run`](Broker::run).
+pub struct Broker {
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("mqtt", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Binds the MQTT listener and, if configured, the admin HTTP listener.
+    pub async fn bind(config: Config) -> Result<Broker, BrokerError> {
+        let listener = TcpListener::bind(config.mqtt_addr)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: config.mqtt_addr,
+                source,
+            })?;
+        let http = match config.http_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BrokerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        if config.data_dir.is_some() {
+            tracing::warn!("--data-dir is not used yet: broker state is kept in memory only");
+        }
+        Ok(Broker {
+            listener,
+            http,
+            hub: Arc::new(Hub::new(config.limits)),
+        })
+    }
+
+    /// The MQTT listener's address (useful after binding port 0).
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The admin HTTP listener's address, if any.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle for listings and metrics, usable while the broker runs.
+    pub fn handle(&self) -> BrokerHandle {
+        BrokerHandle {
+            hub: self.hub.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then tells every client (DISCONNECT 0x8B under 5.0)
+    /// and waits briefly for the connections to close.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+        let Broker {
+            listener,
+            http,
+            hub,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = JoinSet::new();
+        if let Some(http) = http {
+            let router = BrokerHandle { hub: hub.clone() }.router();
+            let mut stop = stop_rx.clone();
+            background.spawn(async move {
+                let serve = axum::serve(http, router).with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "admin HTTP server failed");
+                }
+            });
+        }
+        if let Some(every) = hub.limits.sys_interval {
+            background.spawn(crate::sys::publish_loop(hub.clone(), every));
+        }
+        let permits = Arc::new(Semaphore::new(hub.limits.max_connections));
+        let mut connections = JoinSet::new();
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "MQTT broker listening");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let hub = hub.clone();
+                        let stop = stop_rx.clone();
+                        match permits.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                connections.spawn(async move {
+                                    crate::connection::serve(hub, stream, peer, stop).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                Metrics::inc(&hub.metrics.connections_refused_limit);
+                                tracing::warn!(%peer, "connection limit reached: refusing");
+                                connections.spawn(crate::connection::refuse_busy(hub, stream));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        background.abort_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! A client's session: its subscriptions and the QoS state in both directions, which outlive
+//! the connection when the session is persistent.
+
+use qosmos_mqtt::state::{Incoming, Outgoing};
+use qosmos_mqtt::{MqttStr, ProtocolVersion, SubscriptionOptions};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// One subscription as the session keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubOptions {
+    pub(crate) options: SubscriptionOptions,
+    pub(crate) id: Option<u32>,
+}
+
+/// A session, shared between the connection that owns it (if any) and the router.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) client_id: Arc<str>,
+    state: Mutex<SessionState>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SessionState {
+    pub(crate) version: ProtocolVersion,
+    /// Towards the client: deliveries, with their inflight window and queue.
+    pub(crate) outgoing: Outgoing,
+    /// From the client: QoS 2 messages awaiting PUBREL.
+    pub(crate) incoming: Incoming,
+    /// Full filter (with any `$share/group/`) → options.
+    pub(crate) subscriptions: BTreeMap<MqttStr, SubOptions>,
+    /// The connection that owns the session now.
+    pub(crate) connection: Option<Connection>,
+    /// Seconds the session outlives its connection (`u32::MAX`: forever).
+    pub(crate) expiry_interval: u32,
+    pub(crate) disconnected_at: Option<Instant>,
+    /// Largest packet the client accepts.
+    pub(crate) client_max_packet_size: u32,
+    /// Messages this session lost to a full queue.
+    pub(crate) dropped: u64,
+    pub(crate) keep_alive: u16,
+    pub(crate) clean_start: bool,
+}
+
+/// The link from a session to the connection task that serves it.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    pub(crate) id: u64,
+    /// Wakes the connection task: packets to send, or it was taken over.
+    pub(crate) waker: Arc<Notify>,
+    pub(crate) peer: String,
+}
+
+impl Session {
+    pub(crate) fn new(client_id: Arc<str>, state: SessionState) -> Session {
+        Session {
+            client_id,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Locks the state. A panic elsewhere while holding the lock must not take the broker down,
+    /// so a poisoned lock is entered anyway: the state machines stay consistent per call.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SessionState {
+    /// Wakes the owning connection, if any.
+    pub(crate) fn wake(&self) {
+        if let Some(c) = &self.connection {
+            c.waker.notify_one();
+        }
+    }
+
+    pub(crate) fn is_online(&self) -> bool {
+        self.connection.is_some()
+    }
+}
