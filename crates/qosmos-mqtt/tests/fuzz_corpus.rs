@@ -25,3 +25,12 @@ fn decode_corpus() {
         qosmos_mqtt::fuzz::decode(&input);
     }
 }
+
+#[test]
+fn state_corpus() {
+    let inputs = corpus("state");
+    assert!(!inputs.is_empty(), "fuzz/corpus/state is empty");
+    for input in inputs {
+        qosmos_mqtt::state::fuzz_exchange(&input);
+    }
+}
