@@ -80,7 +80,8 @@ impl Decoder {
         let packet_type = self.check_type(first)?;
         let total = total as usize;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Room for the rest, but never more than 64 KiB on a length the peer merely claims.
+            buf.reserve((total - buf.len()).min(64 * 1024));
             return Ok(None);
         }
         let mut frame = buf.split_to(total).freeze();
