@@ -10,8 +10,10 @@ async fn start() -> (
     qosmos_broker::BrokerHandle,
     tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut config = Config::default();
-    config.mqtt_addr = "127.0.0.1:0".parse().unwrap();
+    let config = Config {
+        mqtt_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
     let broker = Broker::bind(config).await.unwrap();
     let addr = broker.mqtt_addr();
     let handle = broker.handle();
