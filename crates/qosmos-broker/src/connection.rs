@@ -1,6 +1,7 @@
 //! One task per connection: the CONNECT handshake, then a loop that reads packets, hands them
 //! to the session's state machines and the router, and writes whatever they produce.
 
+use crate::config::Limits;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{Connection, Session, SessionState, SubOptions};
@@ -81,6 +82,13 @@ fn sniff_level(buf: &[u8]) -> Option<u8> {
     }
     let name_len = u16::from_be_bytes([*buf.get(i + 1)?, *buf.get(i + 2)?]) as usize;
     buf.get(i + 3 + name_len).copied()
+}
+
+/// How a session's outgoing queue is limited.
+fn outgoing_config(limits: &Limits) -> OutgoingConfig {
+    OutgoingConfig::default()
+        .max_pending(limits.max_queued_messages)
+        .max_pending_bytes(limits.max_queued_bytes)
 }
 
 /// Serves one accepted connection to its end.
@@ -268,11 +276,7 @@ impl Conn {
             None => {
                 let state = SessionState {
                     version: v,
-                    outgoing: Outgoing::new(
-                        OutgoingConfig::default()
-                            .max_pending(limits.max_queued_messages)
-                            .max_pending_bytes(limits.max_queued_bytes),
-                    ),
+                    outgoing: Outgoing::new(outgoing_config(limits)),
                     incoming: Incoming::new(
                         v,
                         IncomingConfig::default()
@@ -287,6 +291,7 @@ impl Conn {
                     dropped: 0,
                     keep_alive,
                     clean_start: c.clean_start,
+                    expiring: Default::default(),
                 };
                 let s = Arc::new(Session::new(client_id.clone(), state));
                 hub.sessions().insert(client_id.clone(), s.clone());
@@ -303,6 +308,10 @@ impl Conn {
             st.clean_start = c.clean_start;
             st.connection = Some(connection);
             st.outgoing.set_receive_maximum(client_receive_maximum);
+            let expired = st.expire_pending(outgoing_config(limits), Instant::now());
+            hub.metrics
+                .messages_expired
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
             // Redelivery of unacknowledged messages happens here, with DUP [MQTT-4.4.0-1].
             let _ = st.outgoing.resume(session_present);
             st.incoming.resume(session_present);
@@ -401,6 +410,13 @@ impl Conn {
                                     let _ = wr.write_all(&self.wbuf).await;
                                     return end;
                                 }
+                                // Queue this packet's acknowledgement now, so that if a later
+                                // packet in the same read ends the connection, the PUBACK /
+                                // PUBREC for the messages already routed still goes out before
+                                // the DISCONNECT (else the client would send them again).
+                                if !self.collect_output() {
+                                    return End::TakenOver;
+                                }
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -437,6 +453,9 @@ impl Conn {
         }
         while let Some(p) = st.incoming.poll_transmit() {
             self.encode(&p);
+        }
+        if st.outgoing.pending_len() == 0 && !st.expiring.is_empty() {
+            st.expiring.clear(); // nothing queued can expire any more
         }
         while let Some(p) = st.outgoing.poll_transmit() {
             if let Packet::Publish(pb) = &p {
@@ -737,14 +756,21 @@ impl Conn {
             } else {
                 let hub = hub.clone();
                 let session = self.session.clone();
+                // Which disconnection this will belongs to: any later connection to the session
+                // (even one that has ended again since) changes it.
+                let left_at = session.lock().disconnected_at;
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    // Not sent if the client came back to this same session in time.
+                    // Not sent if a new connection was made to this same session in time
+                    // [MQTT-3.1.3-9], whether or not that connection is still there.
                     let registered = hub
                         .sessions()
                         .get(&session.client_id)
                         .is_some_and(|s| Arc::ptr_eq(s, &session));
-                    let back = registered && session.lock().is_online();
+                    let back = registered && {
+                        let st = session.lock();
+                        st.is_online() || st.disconnected_at != left_at
+                    };
                     if !back {
                         publish();
                     }
