@@ -74,6 +74,31 @@ async fn read_packet(
     }
 }
 
+/// Reads the first packet, like [`read_packet`], and also returns the protocol level of the
+/// CONNECT at the front of the buffer if it was seen: the decoder consumes a packet it rejects,
+/// so the level must be taken before decoding to answer a bad 5.0 CONNECT with a CONNACK.
+async fn read_connect(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> (Result<Packet, ReadError>, Option<u8>) {
+    let mut level = None;
+    loop {
+        level = level.or_else(|| sniff_level(buf));
+        match decoder.decode(buf) {
+            Ok(Some(p)) => return (Ok(p), level),
+            Ok(None) => {}
+            Err(e) => return (Err(ReadError::Decode(e)), level),
+        }
+        buf.reserve(4096);
+        match rd.read_buf(buf).await {
+            Ok(0) => return (Err(ReadError::Closed), level),
+            Ok(_) => {}
+            Err(_) => return (Err(ReadError::Io), level),
+        }
+    }
+}
+
 /// The protocol level of a CONNECT at the front of `buf`, if that many bytes are there.
 fn sniff_level(buf: &[u8]) -> Option<u8> {
     let mut i = 1;
@@ -106,9 +131,13 @@ pub(crate) async fn serve(
 
     let first = tokio::time::timeout(
         hub.limits.connect_timeout,
-        read_packet(&mut rd, &mut rbuf, &mut decoder),
+        read_connect(&mut rd, &mut rbuf, &mut decoder),
     )
     .await;
+    let (first, level) = match first {
+        Ok((r, level)) => (Ok(r), level),
+        Err(e) => (Err(e), None),
+    };
     let connect = match first {
         Err(_) => {
             Metrics::inc(&hub.metrics.connect_timeouts);
@@ -118,7 +147,6 @@ pub(crate) async fn serve(
         Ok(Err(ReadError::Decode(e))) => {
             Metrics::inc(&hub.metrics.protocol_errors);
             tracing::info!(%peer, error = %e, "refused CONNECT");
-            let level = sniff_level(&rbuf);
             let (version, code) = match e {
                 DecodeError::UnsupportedProtocolVersion(_) => {
                     (ProtocolVersion::V311, e.reason_code())
@@ -145,6 +173,11 @@ pub(crate) async fn serve(
     Metrics::inc(&hub.metrics.clients_connected);
     let end = conn.run(&mut rd, &mut wr, rbuf, decoder, shutdown).await;
     Metrics::dec(&hub.metrics.clients_connected);
+    // Counted here, once per connection, so that every way of ending with a protocol error
+    // (bad packet, state error, AUTH, bad topic alias, ...) shows in the metric.
+    if let End::ProtocolError(_) = end {
+        Metrics::inc(&hub.metrics.protocol_errors);
+    }
     conn.finish(end, &mut wr).await;
 }
 
@@ -420,7 +453,6 @@ impl Conn {
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                Metrics::inc(&self.hub.metrics.protocol_errors);
                                 tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
                                 self.send_disconnect(e.reason_code());
                                 let _ = wr.write_all(&self.wbuf).await;
@@ -544,7 +576,6 @@ impl Conn {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
-                Metrics::inc(&self.hub.metrics.protocol_errors);
                 tracing::info!(client = %self.client_id, error = %e, "closing connection: protocol error");
                 self.send_disconnect(e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
