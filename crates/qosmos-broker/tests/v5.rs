@@ -224,6 +224,27 @@ async fn server_keep_alive() {
     let info = b.handle.clients();
     let info = info.iter().find(|c| c.client_id == "ka0").unwrap();
     assert_eq!(info.keep_alive, 5);
+
+    // The broker enforces what it told: silent for 1.5 × 1 s → DISCONNECT 0x8D.
+    let b = TestBroker::start(Limits {
+        max_keep_alive: Some(1),
+        ..limits()
+    })
+    .await;
+    let mut c = RawClient::connect_packet(V, "ka-silent", true);
+    c.keep_alive = 60;
+    let (mut c, ack) = RawClient::connect(b.addr, c).await;
+    assert_eq!(ack.properties.server_keep_alive(), Some(1));
+    let start = Instant::now();
+    assert_eq!(
+        expect_disconnect(&mut c).await,
+        ReasonCode::KEEP_ALIVE_TIMEOUT
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 }
 
 /// The client's Receive Maximum: no more than that many QoS 1/2 deliveries unacknowledged;
