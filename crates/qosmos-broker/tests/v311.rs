@@ -518,3 +518,94 @@ async fn unsubscribe_is_visible_in_admin_listing() {
     assert_eq!(subs, ["l/2"]);
     s.finish().await;
 }
+
+/// Exactly once from the publisher's side: a QoS 2 PUBLISH sent again (DUP) after a
+/// reconnect, because the PUBREC or PUBREL was lost, is not routed a second time. Checked at
+/// both protocol versions with a raw publisher and a paho subscriber.
+#[tokio::test]
+async fn qos2_publish_resent_after_reconnect_is_routed_once() {
+    use qosmos_mqtt::{PubRel, Publish};
+    let b = TestBroker::start(limits()).await;
+    let sub = paho_spawn(plan(
+        &b,
+        "once-sub",
+        true,
+        json!([{"sub": [["once/#", 2]]}, {"expect": 2}, {"quiet": 0.5}, {"disconnect": null}]),
+    ));
+    b.wait_subscription(Some("once-sub"), "once/#", 2).await;
+    for (version, topic) in [(V, "once/311"), (ProtocolVersion::V5, "once/5")] {
+        let mut connect = RawClient::connect_packet(version, "once-pub", false);
+        if version == ProtocolVersion::V5 {
+            connect.properties.set_session_expiry_interval(60);
+        }
+        let (mut c, _) = RawClient::connect(b.addr, connect.clone()).await;
+        let mut p = Publish::new(topic, "exactly once");
+        p.qos = QoS::ExactlyOnce;
+        p.packet_id = 7.try_into().ok();
+        c.send(&Packet::Publish(p.clone())).await;
+        assert!(
+            matches!(c.expect().await, Packet::PubRec(r) if r.packet_id == p.packet_id.unwrap())
+        );
+        drop(c); // PUBREL never sent
+        b.wait_connected("once-pub", false).await;
+
+        let (mut c, ack) = RawClient::connect(b.addr, connect).await;
+        assert!(ack.session_present);
+        p.dup = true;
+        c.send(&Packet::Publish(p.clone())).await;
+        let id = p.packet_id.unwrap();
+        assert!(matches!(c.expect().await, Packet::PubRec(r) if r.packet_id == id));
+        c.send(&Packet::PubRel(PubRel::new(id))).await;
+        assert!(matches!(c.expect().await, Packet::PubComp(r) if r.packet_id == id));
+        // The end of this session, so the next round starts fresh.
+        let clean = RawClient::connect_packet(version, "once-pub", true);
+        drop(c);
+        b.wait_connected("once-pub", false).await;
+        let (_c, _) = RawClient::connect(b.addr, clean).await;
+    }
+    let r = sub.finish().await;
+    assert_eq!(
+        received(&r),
+        [
+            ("once/311".into(), "exactly once".into(), 2),
+            ("once/5".into(), "exactly once".into(), 2)
+        ]
+    );
+}
+
+/// A full session queue drops what does not fit and counts it (metric and the session's
+/// `dropped`); what was queued is delivered on reconnect.
+#[tokio::test]
+async fn queue_limit_drops_and_counts() {
+    let b = TestBroker::start(qosmos_broker::Limits {
+        max_queued_messages: 3,
+        ..limits()
+    })
+    .await;
+    paho(plan(
+        &b,
+        "small-queue",
+        false,
+        json!([{"sub": [["q/t", 1]]}, {"disconnect": null}]),
+    ))
+    .await;
+    b.wait_connected("small-queue", false).await;
+    let steps: Vec<Value> = (0..5)
+        .map(|i| json!({"pub": "q/t", "payload": format!("{i}"), "qos": 1}))
+        .chain([json!({"disconnect": null})])
+        .collect();
+    paho(plan(&b, "flood", true, Value::Array(steps))).await;
+    assert_eq!(b.metric("messages_dropped_queue_full"), 2);
+    let info = b.handle.clients();
+    let info = info.iter().find(|c| c.client_id == "small-queue").unwrap();
+    assert_eq!((info.queued, info.dropped), (3, 2));
+    let r = paho(plan(
+        &b,
+        "small-queue",
+        false,
+        json!([{"expect": 3}, {"quiet": 0.3}, {"disconnect": null}]),
+    ))
+    .await;
+    let got: Vec<String> = received(&r).into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(got, ["0", "1", "2"]);
+}

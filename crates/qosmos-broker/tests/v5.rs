@@ -743,3 +743,55 @@ async fn server_disconnect_reason_codes() {
     let stays = stays.finish().await;
     assert_eq!(stays["disconnects"][0]["rc"], 0x8B, "{stays}");
 }
+
+/// Over `max_connections`, a client is refused: CONNACK 0x89 Server busy (5.0) or return code
+/// 3 Server unavailable (3.1.1), and counted.
+#[tokio::test]
+async fn connection_limit() {
+    let b = TestBroker::start(Limits {
+        max_connections: 1,
+        ..limits()
+    })
+    .await;
+    let (_first, _) = RawClient::connect(b.addr, RawClient::connect_packet(V, "first", true)).await;
+    for version in [V, ProtocolVersion::V311] {
+        let mut c = RawClient::open(b.addr, version).await;
+        c.send(&Packet::Connect(RawClient::connect_packet(
+            version, "second", true,
+        )))
+        .await;
+        let seen = c.expect_closed().await;
+        let want = if version == V {
+            ReasonCode::SERVER_BUSY
+        } else {
+            ReasonCode::SERVER_UNAVAILABLE
+        };
+        assert!(
+            matches!(&seen[..], [Packet::ConnAck(a)] if a.reason_code == want),
+            "{version}: {seen:?}"
+        );
+    }
+    assert_eq!(b.metric("connections_refused_limit"), 2);
+}
+
+/// DISCONNECT may change the Session Expiry Interval: to 0 ends the session at once; from 0 to
+/// anything else is a protocol error (DISCONNECT 0x82) [MQTT-3.14.2-2].
+#[tokio::test]
+async fn session_expiry_changed_at_disconnect() {
+    let b = TestBroker::start(limits()).await;
+    paho(persistent(
+        &b,
+        "short-lived",
+        300,
+        json!([{"sub": [["sx/t", 1]]}, {"disconnect": {"props": {"SessionExpiryInterval": 0}}}]),
+    ))
+    .await;
+    let h = b.handle.clone();
+    wait_until("session ended", || h.clients().is_empty()).await;
+
+    let (mut c, _) = RawClient::connect(b.addr, RawClient::connect_packet(V, "zero", true)).await;
+    let mut d = qosmos_mqtt::Disconnect::new(ReasonCode::NORMAL_DISCONNECTION);
+    d.properties.set_session_expiry_interval(30);
+    c.send(&Packet::Disconnect(d)).await;
+    assert_eq!(expect_disconnect(&mut c).await, ReasonCode::PROTOCOL_ERROR);
+}
