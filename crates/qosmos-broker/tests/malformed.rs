@@ -55,6 +55,17 @@ fn raw_publish(version: ProtocolVersion, topic: &[u8], payload: &[u8]) -> Vec<u8
     out
 }
 
+/// A 5.0 SUBSCRIBE (packet id 1, no properties) of one filter with these option bits.
+fn raw_subscribe(filter: &[u8], options: u8) -> Vec<u8> {
+    let mut body = vec![0x00, 0x01, 0x00];
+    body.extend((filter.len() as u16).to_be_bytes());
+    body.extend(filter);
+    body.push(options);
+    let mut out = vec![0x82, body.len() as u8];
+    out.extend(body);
+    out
+}
+
 /// Sends `bad` before any CONNECT; returns what the broker answered before closing.
 async fn before_connect(addr: SocketAddr, version: ProtocolVersion, bad: &[u8]) -> Vec<Packet> {
     let mut c = RawClient::open(addr, version).await;
@@ -144,6 +155,25 @@ async fn malformed_input_is_refused_and_others_are_unaffected() {
         refused += 1;
     }
 
+    // An unknown protocol level: CONNACK return code 1 in 3.1.1 form [MQTT-3.1.2-2].
+    let mut bytes = connect_bytes(V311, "level-6");
+    bytes[8] = 6;
+    let seen = before_connect(a, V311, &bytes).await;
+    assert_connack(
+        "protocol level 6",
+        &seen,
+        ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+    );
+    refused += 1;
+    // A 5.0 CONNECT with Receive Maximum 0 (not allowed): CONNACK 0x82.
+    let mut bad = Connect::new(V5, "rm0");
+    bad.properties.set_receive_maximum(0);
+    let mut buf = BytesMut::new();
+    qosmos_mqtt::encode_packet(&Packet::Connect(bad), V5, &mut buf).unwrap();
+    let seen = before_connect(a, V5, &buf).await;
+    assert_connack("Receive Maximum 0", &seen, ReasonCode::PROTOCOL_ERROR);
+    refused += 1;
+
     // After a good CONNECT at 5.0: DISCONNECT with the reason code, then close.
     let cases: Vec<(&str, Vec<u8>, ReasonCode)> = vec![
         (
@@ -179,6 +209,16 @@ async fn malformed_input_is_refused_and_others_are_unaffected() {
         (
             "second CONNECT",
             connect_bytes(V5, "again"),
+            ReasonCode::PROTOCOL_ERROR,
+        ),
+        (
+            "SUBSCRIBE to an invalid filter",
+            raw_subscribe(b"a/#/b", 0x01),
+            ReasonCode::TOPIC_FILTER_INVALID,
+        ),
+        (
+            "No Local on a shared subscription",
+            raw_subscribe(b"$share/g/t", 0x05),
             ReasonCode::PROTOCOL_ERROR,
         ),
         (

@@ -36,6 +36,29 @@ async fn http_subscriptions_of(b: &TestBroker, client: &str) -> Vec<(String, u64
         .collect()
 }
 
+/// The rest of the admin API answers too: clients, metrics, health.
+async fn admin_api_is_served(b: &TestBroker) {
+    let http = b.http.unwrap();
+    let (status, body) = http_get(http, "/api/broker/clients").await;
+    assert_eq!(status, 200);
+    let clients: Value = serde_json::from_str(&body).unwrap();
+    let flask = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client_id"] == "flask-seed")
+        .unwrap_or_else(|| panic!("flask-seed not in {body}"));
+    assert_eq!(flask["connected"], true);
+    assert_eq!(flask["subscriptions"], 1);
+    let (status, body) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\nqosmos_broker_clients_connected 1\n"),
+        "{body}"
+    );
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+}
+
 /// Publishes one order at QoS 2 with mosquitto_pub and waits until the Flask app got it.
 async fn order_reaches_flask(b: &TestBroker, app: &mut Script, payload: &str) {
     mosquitto_pub(b.port(), "mqttv311", "TEST", 2, payload).await;
@@ -82,6 +105,7 @@ async fn flask_mqtt_keeps_qos_2_across_broker_restart() {
         [("TEST".into(), 2)]
     );
     order_reaches_flask(&b, &mut app, "order-1").await;
+    admin_api_is_served(&b).await;
 
     // Restart the broker on the same ports. It keeps no state across the restart (memory
     // only), so the app must subscribe again on its own.

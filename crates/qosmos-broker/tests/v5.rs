@@ -795,3 +795,40 @@ async fn session_expiry_changed_at_disconnect() {
     c.send(&Packet::Disconnect(d)).await;
     assert_eq!(expect_disconnect(&mut c).await, ReasonCode::PROTOCOL_ERROR);
 }
+
+/// A shared subscription prefers members that are online: with one member's persistent
+/// session offline, every message goes to the online member and none waits for the other.
+#[tokio::test]
+async fn shared_subscription_skips_offline_members() {
+    let b = TestBroker::start(limits()).await;
+    paho(persistent(
+        &b,
+        "sleeper",
+        300,
+        json!([{"sub": [["$share/g/sk/t", 1]]}, {"disconnect": null}]),
+    ))
+    .await;
+    b.wait_connected("sleeper", false).await;
+    let awake = paho_spawn(plan(
+        &b,
+        "awake",
+        json!([{"sub": [["$share/g/sk/t", 1]]}, {"expect": 4}, {"disconnect": null}]),
+    ));
+    b.wait_subscription(Some("awake"), "$share/g/sk/t", 1).await;
+    let steps: Vec<Value> = (0..4)
+        .map(|i| json!({"pub": "sk/t", "payload": format!("{i}"), "qos": 1}))
+        .chain([json!({"disconnect": null})])
+        .collect();
+    paho(plan(&b, "sk-pub", Value::Array(steps))).await;
+    let r = awake.finish().await;
+    assert_eq!(received(&r).len(), 4);
+    let r = paho(persistent(
+        &b,
+        "sleeper",
+        300,
+        json!([{"quiet": 0.4}, {"disconnect": null}]),
+    ))
+    .await;
+    assert_eq!(r["connack"]["session_present"], true);
+    assert!(received(&r).is_empty(), "{r}");
+}
