@@ -832,3 +832,25 @@ async fn shared_subscription_skips_offline_members() {
     assert_eq!(r["connack"]["session_present"], true);
     assert!(received(&r).is_empty(), "{r}");
 }
+
+/// DISCONNECT with reason code 0x04 (Disconnect with Will Message) publishes the will; a plain
+/// DISCONNECT does not.
+#[tokio::test]
+async fn disconnect_with_will_message() {
+    let b = TestBroker::start(limits()).await;
+    let watcher = paho_spawn(plan(
+        &b,
+        "dw-watch",
+        json!([{"sub": [["dw/#", 1]]}, {"expect": 1}, {"quiet": 0.4}, {"disconnect": null}]),
+    ));
+    b.wait_subscription(Some("dw-watch"), "dw/#", 1).await;
+    for (id, rc) in [("dw-plain", 0), ("dw-will", 4)] {
+        paho(json!({"port": b.port(), "version": 5, "client_id": id,
+            "will": {"topic": format!("dw/{id}"), "payload": id, "qos": 1},
+            "steps": [{"disconnect": {"rc": rc}}]}))
+        .await;
+        b.wait_connected(id, false).await;
+    }
+    let r = watcher.finish().await;
+    assert_eq!(received(&r), [("dw/dw-will".into(), "dw-will".into())]);
+}

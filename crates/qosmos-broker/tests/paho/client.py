@@ -42,6 +42,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 TIMEOUT = 15.0
@@ -258,7 +259,10 @@ class Runner:
             return {"disconnect": self.disconnects[0]}
         if "disconnect" in s:
             d = s["disconnect"] or {}
-            self.c.disconnect(d.get("rc"), props_from(PacketTypes.DISCONNECT, d.get("props")))
+            rc = d.get("rc")
+            if rc is not None:
+                rc = ReasonCode(PacketTypes.DISCONNECT, identifier=rc)
+            self.c.disconnect(rc, props_from(PacketTypes.DISCONNECT, d.get("props")))
             self.c.loop_stop()
             return {}
         if "abort" in s:
