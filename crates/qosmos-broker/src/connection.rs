@@ -1,6 +1,7 @@
 //! One task per connection: the CONNECT handshake, then a loop that reads packets, hands them
 //! to the session's state machines and the router, and writes whatever they produce.
 
+use crate::config::Limits;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{Connection, Session, SessionState, SubOptions};
@@ -73,6 +74,31 @@ async fn read_packet(
     }
 }
 
+/// Reads the first packet, like [`read_packet`], and also returns the protocol level of the
+/// CONNECT at the front of the buffer if it was seen: the decoder consumes a packet it rejects,
+/// so the level must be taken before decoding to answer a bad 5.0 CONNECT with a CONNACK.
+async fn read_connect(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> (Result<Packet, ReadError>, Option<u8>) {
+    let mut level = None;
+    loop {
+        level = level.or_else(|| sniff_level(buf));
+        match decoder.decode(buf) {
+            Ok(Some(p)) => return (Ok(p), level),
+            Ok(None) => {}
+            Err(e) => return (Err(ReadError::Decode(e)), level),
+        }
+        buf.reserve(4096);
+        match rd.read_buf(buf).await {
+            Ok(0) => return (Err(ReadError::Closed), level),
+            Ok(_) => {}
+            Err(_) => return (Err(ReadError::Io), level),
+        }
+    }
+}
+
 /// The protocol level of a CONNECT at the front of `buf`, if that many bytes are there.
 fn sniff_level(buf: &[u8]) -> Option<u8> {
     let mut i = 1;
@@ -81,6 +107,13 @@ fn sniff_level(buf: &[u8]) -> Option<u8> {
     }
     let name_len = u16::from_be_bytes([*buf.get(i + 1)?, *buf.get(i + 2)?]) as usize;
     buf.get(i + 3 + name_len).copied()
+}
+
+/// How a session's outgoing queue is limited.
+fn outgoing_config(limits: &Limits) -> OutgoingConfig {
+    OutgoingConfig::default()
+        .max_pending(limits.max_queued_messages)
+        .max_pending_bytes(limits.max_queued_bytes)
 }
 
 /// Serves one accepted connection to its end.
@@ -98,9 +131,13 @@ pub(crate) async fn serve(
 
     let first = tokio::time::timeout(
         hub.limits.connect_timeout,
-        read_packet(&mut rd, &mut rbuf, &mut decoder),
+        read_connect(&mut rd, &mut rbuf, &mut decoder),
     )
     .await;
+    let (first, level) = match first {
+        Ok((r, level)) => (Ok(r), level),
+        Err(e) => (Err(e), None),
+    };
     let connect = match first {
         Err(_) => {
             Metrics::inc(&hub.metrics.connect_timeouts);
@@ -110,7 +147,6 @@ pub(crate) async fn serve(
         Ok(Err(ReadError::Decode(e))) => {
             Metrics::inc(&hub.metrics.protocol_errors);
             tracing::info!(%peer, error = %e, "refused CONNECT");
-            let level = sniff_level(&rbuf);
             let (version, code) = match e {
                 DecodeError::UnsupportedProtocolVersion(_) => {
                     (ProtocolVersion::V311, e.reason_code())
@@ -137,6 +173,11 @@ pub(crate) async fn serve(
     Metrics::inc(&hub.metrics.clients_connected);
     let end = conn.run(&mut rd, &mut wr, rbuf, decoder, shutdown).await;
     Metrics::dec(&hub.metrics.clients_connected);
+    // Counted here, once per connection, so that every way of ending with a protocol error
+    // (bad packet, state error, AUTH, bad topic alias, ...) shows in the metric.
+    if let End::ProtocolError(_) = end {
+        Metrics::inc(&hub.metrics.protocol_errors);
+    }
     conn.finish(end, &mut wr).await;
 }
 
@@ -268,11 +309,7 @@ impl Conn {
             None => {
                 let state = SessionState {
                     version: v,
-                    outgoing: Outgoing::new(
-                        OutgoingConfig::default()
-                            .max_pending(limits.max_queued_messages)
-                            .max_pending_bytes(limits.max_queued_bytes),
-                    ),
+                    outgoing: Outgoing::new(outgoing_config(limits)),
                     incoming: Incoming::new(
                         v,
                         IncomingConfig::default()
@@ -287,6 +324,7 @@ impl Conn {
                     dropped: 0,
                     keep_alive,
                     clean_start: c.clean_start,
+                    expiring: Default::default(),
                 };
                 let s = Arc::new(Session::new(client_id.clone(), state));
                 hub.sessions().insert(client_id.clone(), s.clone());
@@ -303,6 +341,10 @@ impl Conn {
             st.clean_start = c.clean_start;
             st.connection = Some(connection);
             st.outgoing.set_receive_maximum(client_receive_maximum);
+            let expired = st.expire_pending(outgoing_config(limits), Instant::now());
+            hub.metrics
+                .messages_expired
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
             // Redelivery of unacknowledged messages happens here, with DUP [MQTT-4.4.0-1].
             let _ = st.outgoing.resume(session_present);
             st.incoming.resume(session_present);
@@ -401,10 +443,16 @@ impl Conn {
                                     let _ = wr.write_all(&self.wbuf).await;
                                     return end;
                                 }
+                                // Queue this packet's acknowledgement now, so that if a later
+                                // packet in the same read ends the connection, the PUBACK /
+                                // PUBREC for the messages already routed still goes out before
+                                // the DISCONNECT (else the client would send them again).
+                                if !self.collect_output() {
+                                    return End::TakenOver;
+                                }
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                Metrics::inc(&self.hub.metrics.protocol_errors);
                                 tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
                                 self.send_disconnect(e.reason_code());
                                 let _ = wr.write_all(&self.wbuf).await;
@@ -437,6 +485,9 @@ impl Conn {
         }
         while let Some(p) = st.incoming.poll_transmit() {
             self.encode(&p);
+        }
+        if st.outgoing.pending_len() == 0 && !st.expiring.is_empty() {
+            st.expiring.clear(); // nothing queued can expire any more
         }
         while let Some(p) = st.outgoing.poll_transmit() {
             if let Packet::Publish(pb) = &p {
@@ -525,7 +576,6 @@ impl Conn {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
-                Metrics::inc(&self.hub.metrics.protocol_errors);
                 tracing::info!(client = %self.client_id, error = %e, "closing connection: protocol error");
                 self.send_disconnect(e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
@@ -737,14 +787,21 @@ impl Conn {
             } else {
                 let hub = hub.clone();
                 let session = self.session.clone();
+                // Which disconnection this will belongs to: any later connection to the session
+                // (even one that has ended again since) changes it.
+                let left_at = session.lock().disconnected_at;
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    // Not sent if the client came back to this same session in time.
+                    // Not sent if a new connection was made to this same session in time
+                    // [MQTT-3.1.3-9], whether or not that connection is still there.
                     let registered = hub
                         .sessions()
                         .get(&session.client_id)
                         .is_some_and(|s| Arc::ptr_eq(s, &session));
-                    let back = registered && session.lock().is_online();
+                    let back = registered && {
+                        let st = session.lock();
+                        st.is_online() || st.disconnected_at != left_at
+                    };
                     if !back {
                         publish();
                     }

@@ -252,8 +252,18 @@ impl Hub {
                 }
             }
         }
+        let expires_at = out
+            .properties
+            .message_expiry_interval()
+            .map(|secs| Instant::now() + std::time::Duration::from_secs(u64::from(secs)));
         match s.outgoing.publish(out) {
-            Ok(_) => {
+            Ok(ticket) => {
+                // Queued rather than sent: remember when it expires (see `expire_pending`).
+                if let Some(at) = expires_at {
+                    if !s.is_online() || s.outgoing.pending_len() > 0 {
+                        s.expiring.insert(ticket, at);
+                    }
+                }
                 if s.is_online() {
                     s.wake();
                 }

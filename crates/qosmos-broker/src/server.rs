@@ -156,6 +156,9 @@ impl Broker {
         })
         .await;
         background.abort_all();
+        // Wait for the aborted tasks to be dropped: then the admin listener is closed when
+        // `run` returns, and the broker can be bound again on the same address at once.
+        while background.join_next().await.is_some() {}
         Ok(())
     }
 }

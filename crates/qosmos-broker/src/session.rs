@@ -1,9 +1,9 @@
 //! A client's session: its subscriptions and the QoS state in both directions, which outlive
 //! the connection when the session is persistent.
 
-use qosmos_mqtt::state::{Incoming, Outgoing};
-use qosmos_mqtt::{MqttStr, ProtocolVersion, SubscriptionOptions};
-use std::collections::BTreeMap;
+use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
+use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::Notify;
@@ -42,6 +42,10 @@ pub(crate) struct SessionState {
     pub(crate) dropped: u64,
     pub(crate) keep_alive: u16,
     pub(crate) clean_start: bool,
+    /// When queued messages with a Message Expiry Interval expire, by their ticket in
+    /// `outgoing`. Only messages that went to the pending queue are here; cleared whenever that
+    /// queue is empty.
+    pub(crate) expiring: HashMap<Ticket, Instant>,
 }
 
 /// The link from a session to the connection task that serves it.
@@ -78,5 +82,53 @@ impl SessionState {
 
     pub(crate) fn is_online(&self) -> bool {
         self.connection.is_some()
+    }
+
+    /// Drops queued messages whose Message Expiry Interval has passed [MQTT-3.3.2-5] and sets
+    /// the interval of the others to the time they have left [MQTT-3.3.2-6]. Returns how many
+    /// were dropped. Call it before `outgoing.resume`.
+    ///
+    /// `Outgoing` cannot remove one pending message, so the queue is rebuilt from a snapshot
+    /// (the way a durable store restores it): inflight exchanges as they were, pending messages
+    /// published again in order. Only done when an expiring message is queued.
+    pub(crate) fn expire_pending(&mut self, config: OutgoingConfig, now: Instant) -> u64 {
+        if self.outgoing.pending_len() == 0 {
+            self.expiring.clear();
+        }
+        if self.expiring.is_empty() {
+            return 0;
+        }
+        let mut fresh = Outgoing::new(config);
+        fresh.set_receive_maximum(self.outgoing.receive_maximum());
+        for e in self.outgoing.inflight() {
+            // Packet identifiers in `inflight()` are unique, so this cannot fail.
+            let _ = fresh.restore_inflight(e.packet_id, e.stage.clone());
+        }
+        let pending: Vec<(Ticket, Publish)> = self
+            .outgoing
+            .pending()
+            .map(|(t, p)| (t, p.clone()))
+            .collect();
+        let mut expiring = HashMap::new();
+        let mut dropped = 0;
+        for (ticket, mut p) in pending {
+            let deadline = self.expiring.get(&ticket).copied();
+            if let Some(at) = deadline {
+                if at <= now {
+                    dropped += 1;
+                    continue;
+                }
+                let left = at.saturating_duration_since(now).as_secs().max(1);
+                p.properties
+                    .set_message_expiry_interval(u32::try_from(left).unwrap_or(u32::MAX));
+            }
+            // The queue held these messages already, so they fit its limits again.
+            if let (Ok(t), Some(at)) = (fresh.publish(p), deadline) {
+                expiring.insert(t, at);
+            }
+        }
+        self.outgoing = fresh;
+        self.expiring = expiring;
+        dropped
     }
 }
