@@ -171,7 +171,6 @@ async fn reason_codes_in_acks() {
 /// 0x80) for QoS 2 into a PUBREC with 0x00, so the broker's 0x10 never reaches the wire. The
 /// fix belongs in qosmos-mqtt (send `PubRec` with the given code, then await PUBREL).
 #[tokio::test]
-#[ignore = "qosmos-mqtt: Incoming::ack_with drops success-class PUBREC reason codes"]
 async fn pubrec_reason_code_no_matching_subscribers() {
     let b = TestBroker::start(limits()).await;
     let (mut c, _) = RawClient::connect(b.addr, RawClient::connect_packet(V, "codes2", true)).await;

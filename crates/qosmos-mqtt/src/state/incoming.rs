@@ -274,7 +274,10 @@ impl Incoming {
         if qos == QoS::ExactlyOnce && reason.is_success() {
             self.set_stage(packet_id, Stage::AwaitingPubRel);
             if seen {
-                self.send(Packet::PubRec(PubRec::new(packet_id)));
+                // A success code other than 0x00 (No matching subscribers) is worth passing on.
+                let mut rec = PubRec::new(packet_id);
+                rec.reason_code = reason;
+                self.send(Packet::PubRec(rec));
             }
         } else if seen {
             self.close(packet_id);
