@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
-pub fn qosmos() -> Command {
+pub(crate) fn qosmos() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qosmos"));
     // The tests decide every flag; nothing leaks in from the developer's environment.
     for (k, _) in std::env::vars() {
@@ -21,7 +21,7 @@ pub fn qosmos() -> Command {
 }
 
 /// A port nobody listens on right now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -29,7 +29,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A fresh temporary directory for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qosmos-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -37,7 +37,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// Runs `cmd` to completion, killing it after `deadline`.
-pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
+pub(crate) fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -48,7 +48,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
 }
 
 /// Waits for `child`, killing it after `deadline` (and then failing the test).
-pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Output {
+pub(crate) fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Output {
     let start = Instant::now();
     // Drain the pipes on threads so a chatty child never blocks on a full pipe.
     let mut out = child.stdout.take();
@@ -90,7 +90,7 @@ pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Output {
 }
 
 /// Waits until something accepts TCP connections on `port`.
-pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
+pub(crate) fn wait_for_port(port: u16, deadline: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -102,16 +102,16 @@ pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
 }
 
 /// A Mosquitto broker on a free port, killed on drop.
-pub struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Child,
     /// Its port on 127.0.0.1.
-    pub port: u16,
+    pub(crate) port: u16,
     _dir: PathBuf,
 }
 
 impl Mosquitto {
     /// Starts Mosquitto, or returns `None` (after saying why) when the binary is missing.
-    pub fn start(name: &str) -> Option<Mosquitto> {
+    pub(crate) fn start(name: &str) -> Option<Mosquitto> {
         let Some(bin) = find_mosquitto() else {
             eprintln!("SKIPPED: no `mosquitto` binary (apt-get install mosquitto); CI installs it");
             return None;
@@ -145,7 +145,7 @@ impl Mosquitto {
     }
 
     /// Its URL.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 }
