@@ -43,9 +43,9 @@ pub(crate) struct Summary {
     /// Seconds from the first publish to the last receive (or the last acknowledgement).
     pub(crate) duration_s: f64,
     /// Deliveries received per second over `duration_s`.
-    pub(crate) msgs_per_sec: f64,
+    pub(crate) msgs_per_sec: u64,
     /// PUBLISH packets sent per second, until the publishers finished.
-    pub(crate) publish_per_sec: f64,
+    pub(crate) publish_per_sec: u64,
     /// Median latency, publish to receive, in milliseconds.
     pub(crate) p50_ms: f64,
     /// 90th percentile latency in milliseconds.
@@ -137,8 +137,8 @@ pub(crate) fn summarize(
         duplicated,
         unexpected,
         duration_s: (duration_s * 1e6).round() / 1e6,
-        msgs_per_sec: (received as f64 / duration_s).round(),
-        publish_per_sec: (sent as f64 / secs(pub_end)).round(),
+        msgs_per_sec: (received as f64 / duration_s).round() as u64,
+        publish_per_sec: (sent as f64 / secs(pub_end)).round() as u64,
         p50_ms: ms(latency.quantile(0.50)),
         p90_ms: ms(latency.quantile(0.90)),
         p99_ms: ms(latency.quantile(0.99)),
