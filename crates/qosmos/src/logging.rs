@@ -1,6 +1,7 @@
 //! Logs to stderr through `tracing`.
 
 use crate::error::CliError;
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the stderr subscriber. `--log-level` (or `QOSMOS_LOG_LEVEL`) wins over `RUST_LOG`;
@@ -18,6 +19,7 @@ pub(crate) fn init(log_level: Option<&str>) -> Result<(), CliError> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     Ok(())

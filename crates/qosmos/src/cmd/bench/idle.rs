@@ -7,6 +7,7 @@ use crate::url::BrokerUrl;
 use qosmos_mqtt::{Packet, ProtocolVersion};
 use serde::Serialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -44,6 +45,9 @@ pub(crate) async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(1024);
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    // After one failure the rest are not tried: a broker that refuses or ignores one
+    // connection would otherwise cost a --timeout per remaining batch.
+    let give_up = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
     let started = Instant::now();
     for k in 0..n {
@@ -52,11 +56,18 @@ pub(crate) async fn run(
         let permits = permits.clone();
         let ready = ready_tx.clone();
         let mut stop = stop_rx.clone();
+        let give_up = give_up.clone();
         tasks.spawn(async move {
             let conn = {
                 let Ok(_permit) = permits.acquire().await else {
                     return false;
                 };
+                if give_up.load(Ordering::Relaxed) {
+                    let _ = ready
+                        .send(Err("not tried after an earlier failure".into()))
+                        .await;
+                    return false;
+                }
                 Conn::connect(&url, &client_id, version, timeout).await
             };
             let mut conn = match conn {
@@ -65,6 +76,7 @@ pub(crate) async fn run(
                     c
                 }
                 Err(e) => {
+                    give_up.store(true, Ordering::Relaxed);
                     let _ = ready.send(Err(e.to_string())).await;
                     return false;
                 }
