@@ -3,11 +3,13 @@
 # this machine, and prints a side-by-side table: msgs/s, latency p50/p99, losses and each
 # broker's peak memory (VmHWM), with the qosmos/Mosquitto ratio.
 #
-# Usage: bench/compare.sh [--quick] [--only mosquitto|qosmos] [--out DIR] [--no-build]
+# Usage: bench/compare.sh [--quick] [--only mosquitto|qosmos] [--nodelay] [--out DIR] [--no-build]
 #
-#   --quick      QoS 0/1/2 x {fan-in, fan-out, pairs} at 64 B only, 1/5 of the messages,
+#   --quick      QoS 0/1/2 x {fan-in, fan-out, pairs, steady} at 64 B only, 1/5 of the messages,
 #                2,000 idle connections instead of 10,000.
 #   --only B     run one broker only (the other's columns stay empty).
+#   --nodelay    add `set_tcp_nodelay true` to Mosquitto's config (its default is false:
+#                Nagle's algorithm then adds ~40 ms to deliveries at low rates).
 #   --out DIR    where logs and results.tsv go (default: a new directory under /tmp).
 #   --no-build   use target/release/qosmos as it is.
 #
@@ -23,6 +25,7 @@ QUICK=0
 ONLY=both
 OUT=""
 BUILD=1
+MOSQUITTO_EXTRA=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -37,8 +40,9 @@ while [ $# -gt 0 ]; do
             ;;
         --out=*) OUT="${1#--out=}" ;;
         --no-build) BUILD=0 ;;
+        --nodelay) MOSQUITTO_EXTRA="set_tcp_nodelay true" ;;
         -h | --help)
-            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -110,8 +114,8 @@ start_broker() {
         PORT=$(free_port)
         case "$1" in
             mosquitto)
-                printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT" \
-                    >"$OUT/mosquitto.conf"
+                printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n%s\n' \
+                    "$PORT" "$MOSQUITTO_EXTRA" >"$OUT/mosquitto.conf"
                 "$MOSQUITTO" -c "$OUT/mosquitto.conf" >>"$OUT/mosquitto.log" 2>&1 &
                 ;;
             qosmos)
@@ -145,13 +149,13 @@ field() { sed -E "s/.*\"$2\":(-?[0-9.]+).*/\\1/;t;s/.*/-/" <<<"$1"; }
 if [ "$QUICK" = 1 ]; then
     QOSES="0 1 2"
     PAYLOADS="64"
-    SHAPES="fan-in fan-out pairs"
+    SHAPES="fan-in fan-out pairs steady"
     SCALE=5
     IDLE=2000
 else
     QOSES="0 1 2"
     PAYLOADS="64 4096"
-    SHAPES="fan-in fan-out pairs"
+    SHAPES="fan-in fan-out pairs steady"
     SCALE=1
     IDLE=10000
 fi
@@ -173,6 +177,8 @@ shape_args() { # SHAPE DELIVERIES
         fan-in) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --messages $(($2 / 20))" ;;
         fan-out) echo "--publishers 1 --subscribers 100 --messages $(($2 / 100))" ;;
         pairs) echo "--publishers 100 --subscribers 100 --topics 100 --messages $(($2 / 100))" ;;
+        # Latency below saturation: 10 pairs at 5,000 msgs/s in total for 3 s (0.6 s quick).
+        steady) echo "--publishers 10 --subscribers 10 --topics 10 --rate 5000 --messages $((1500 / SCALE))" ;;
     esac
 }
 

@@ -31,7 +31,7 @@ pub(crate) struct PubArgs {
     pub(crate) message: String,
 
     /// Ask the broker to retain the message.
-    #[arg(long, env = "QOSMOS_RETAIN")]
+    #[arg(long, env = "QOSMOS_RETAIN", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) retain: bool,
 
     /// MQTT protocol version.

@@ -41,7 +41,7 @@ pub(crate) struct SubArgs {
     pub(crate) client_id: Option<String>,
 
     /// Keep the session across connections (clean start off).
-    #[arg(long, env = "QOSMOS_NO_CLEAN")]
+    #[arg(long, env = "QOSMOS_NO_CLEAN", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) no_clean: bool,
 
     /// MQTT protocol version.

@@ -78,7 +78,7 @@ pub(crate) struct BenchArgs {
     pub(crate) topics: u32,
 
     /// Subscribers subscribe to every topic of the run (qosmos-bench/{run}/#).
-    #[arg(long, env = "QOSMOS_WILDCARD")]
+    #[arg(long, env = "QOSMOS_WILDCARD", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) wildcard: bool,
 
     /// Limit the total publish rate to R messages per second (spread over publishers).
@@ -111,7 +111,7 @@ pub(crate) struct BenchArgs {
     pub(crate) timeout: f64,
 
     /// Print the result as one JSON object on stdout.
-    #[arg(long, env = "QOSMOS_JSON")]
+    #[arg(long, env = "QOSMOS_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) json: bool,
 
     /// Instead of a load run, open N idle connections, hold them for --hold seconds, and
