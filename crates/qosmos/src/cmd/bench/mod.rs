@@ -66,9 +66,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         let qos = args.qos;
         tasks.spawn(async move {
             let mut conn = conn;
-            subscriber::subscribe(&mut conn, &filter, qos)
+            match tokio::time::timeout(timeout, subscriber::subscribe(&mut conn, &filter, qos))
                 .await
-                .map(|granted| (j, conn, granted))
+            {
+                Ok(r) => r.map(|granted| (j, conn, granted)),
+                Err(_) => Err(ConnError::Timeout("SUBACK")),
+            }
         });
     }
     let mut subscribed: Vec<Option<Conn>> = (0..args.subscribers).map(|_| None).collect();
