@@ -1,5 +1,66 @@
-//! The `qosmos` command.
+//! The `qosmos` command: see `qosmos --help`.
+//!
+//! This crate is only the command line: flags, `QOSMOS_*` environment, the TOML config file,
+//! logging and wiring. The work is done by the library crates.
 
-fn main() {
-    println!("qosmos: under construction");
+mod cli;
+mod cmd;
+mod config;
+mod error;
+mod logging;
+mod url;
+
+use clap::{CommandFactory, FromArgMatches};
+use cli::{Cli, Command};
+use error::CliError;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = logging::init(cli.log_level.as_deref()) {
+        return fail(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&CliError::runtime(format!("cannot start the runtime: {e}"))),
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Parses flags, environment and config file. Clap's own errors (and `--help`) exit here,
+/// with clap's exit codes (2 for bad usage).
+fn parse_args() -> Result<Cli, CliError> {
+    let args: Vec<_> = std::env::args_os().collect();
+    let mut command = Cli::command();
+    if let Some(path) = config::config_path(&args) {
+        let table = config::load(&path)?;
+        command = config::apply(command, &table, &path.display().to_string())?;
+    }
+    let matches = command.get_matches_from(args);
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Serve(a) => cmd::serve::run(a).await,
+        Command::Broker(a) => cmd::broker::run(a).await,
+        Command::Store(a) => cmd::store::run(a).await,
+        Command::Pub(a) => cmd::publish::run(a).await,
+        Command::Sub(a) => cmd::subscribe::run(a).await,
+        Command::Bench(a) => cmd::bench::run(*a).await,
+    }
+}
+
+fn fail(e: &CliError) -> ExitCode {
+    eprintln!("qosmos: {e}");
+    ExitCode::from(e.exit_code() as u8)
 }

@@ -1,0 +1,102 @@
+//! `qosmos broker`: the MQTT broker alone.
+
+use crate::error::CliError;
+use qosmos_broker::{Broker, Config, Limits};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Flags of `qosmos broker`. Limits left unset keep `qosmos_broker::Limits::default()`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BrokerArgs {
+    /// MQTT listener address.
+    #[arg(
+        long,
+        env = "QOSMOS_MQTT",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:1883"
+    )]
+    pub(crate) mqtt: SocketAddr,
+
+    /// Admin HTTP API address (/api/broker/*, /metrics, /healthz); none when omitted.
+    #[arg(long, env = "QOSMOS_HTTP", value_name = "ADDR")]
+    pub(crate) http: Option<SocketAddr>,
+
+    /// Directory for durable sessions and messages; in memory only when omitted.
+    #[arg(long, env = "QOSMOS_DATA_DIR", value_name = "DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+
+    /// Most client connections at once.
+    #[arg(long, env = "QOSMOS_MAX_CONNECTIONS", value_name = "N")]
+    pub(crate) max_connections: Option<usize>,
+
+    /// Largest MQTT packet accepted, in bytes.
+    #[arg(long, env = "QOSMOS_MAX_PACKET_SIZE", value_name = "BYTES")]
+    pub(crate) max_packet_size: Option<u32>,
+
+    /// Receive Maximum: QoS 1/2 publishes a client may have unacknowledged.
+    #[arg(long, env = "QOSMOS_RECEIVE_MAXIMUM", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) receive_maximum: Option<u16>,
+
+    /// Messages queued per session before the broker stops accepting more for it.
+    #[arg(long, env = "QOSMOS_MAX_QUEUED_MESSAGES", value_name = "N")]
+    pub(crate) max_queued_messages: Option<usize>,
+
+    /// Bytes queued per session before the broker stops accepting more for it.
+    #[arg(long, env = "QOSMOS_MAX_QUEUED_BYTES", value_name = "BYTES")]
+    pub(crate) max_queued_bytes: Option<usize>,
+
+    /// Seconds a new connection has to send CONNECT.
+    #[arg(long, env = "QOSMOS_CONNECT_TIMEOUT", value_name = "SECS")]
+    pub(crate) connect_timeout: Option<u64>,
+}
+
+impl BrokerArgs {
+    /// The broker configuration these flags describe.
+    pub(crate) fn config(&self) -> Config {
+        let mut limits = Limits::default();
+        if let Some(v) = self.max_connections {
+            limits.max_connections = v;
+        }
+        if let Some(v) = self.max_packet_size {
+            limits.max_packet_size = v;
+        }
+        if let Some(v) = self.receive_maximum {
+            limits.receive_maximum = v;
+        }
+        if let Some(v) = self.max_queued_messages {
+            limits.max_queued_messages = v;
+        }
+        if let Some(v) = self.max_queued_bytes {
+            limits.max_queued_bytes = v;
+        }
+        if let Some(v) = self.connect_timeout {
+            limits.connect_timeout = Duration::from_secs(v);
+        }
+        Config {
+            mqtt_addr: self.mqtt,
+            http_addr: self.http,
+            data_dir: self.data_dir.clone(),
+            limits,
+        }
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+pub(crate) async fn run(args: BrokerArgs) -> Result<(), CliError> {
+    let config = args.config();
+    let broker = Broker::bind(config)
+        .await
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    tracing::info!(mqtt = %broker.mqtt_addr(), "MQTT listener ready");
+    if let Some(http) = broker.http_addr() {
+        tracing::info!(%http, "admin HTTP API ready");
+    }
+    broker
+        .run(super::shutdown::signal())
+        .await
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    tracing::info!("stopped");
+    Ok(())
+}

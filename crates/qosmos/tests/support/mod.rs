@@ -1,0 +1,168 @@
+//! Helpers shared by the integration tests: free ports, a Mosquitto child process, and running
+//! the `qosmos` binary with a deadline. Everything started here is killed on drop.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub(crate) fn qosmos() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qosmos"));
+    // The tests decide every flag; nothing leaks in from the developer's environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("QOSMOS_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// A port nobody listens on right now.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh temporary directory for one test.
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qosmos-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Runs `cmd` to completion, killing it after `deadline`.
+pub(crate) fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_with_deadline(&mut child, deadline)
+}
+
+/// Waits for `child`, killing it after `deadline` (and then failing the test).
+pub(crate) fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Output {
+    let start = Instant::now();
+    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut v);
+        }
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut v);
+        }
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_t.join().unwrap_or_default();
+            panic!(
+                "child did not finish within {deadline:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub(crate) fn wait_for_port(port: u16, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A Mosquitto broker on a free port, killed on drop.
+pub(crate) struct Mosquitto {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub(crate) port: u16,
+    _dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto, or returns `None` (after saying why) when the binary is missing.
+    pub(crate) fn start(name: &str) -> Option<Mosquitto> {
+        let Some(bin) = find_mosquitto() else {
+            eprintln!("SKIPPED: no `mosquitto` binary (apt-get install mosquitto); CI installs it");
+            return None;
+        };
+        let dir = temp_dir(name);
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        let m = Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        };
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "mosquitto did not listen on {port}"
+        );
+        Some(m)
+    }
+
+    /// Its URL.
+    pub(crate) fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_mosquitto() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    // Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
+    dirs.push("/usr/sbin".into());
+    dirs.into_iter()
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
