@@ -51,8 +51,10 @@ pub const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
 pub const MAX_RECORD_LEN: usize = 268_435_460 + 64 * 1024;
 
 const FRAME_HEADER_LEN: usize = 8;
-const LOG_FILE: &str = "wal.log";
-const TMP_FILE: &str = "wal.log.tmp";
+/// The log's file name in the data directory.
+pub const LOG_FILE: &str = "wal.log";
+/// The file a compaction writes before renaming it over [`LOG_FILE`]; removed at open.
+pub const TMP_FILE: &str = "wal.log.tmp";
 /// The writer stops draining its queue into one commit past this many bytes, so one commit
 /// never holds an unbounded buffer.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
