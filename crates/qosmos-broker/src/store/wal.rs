@@ -329,8 +329,15 @@ impl Wal {
     /// A torn or corrupt tail is cut off and reported in [`Recovered::truncated_bytes`], never
     /// an error. A log of another format is refused with [`StoreError::IncompatibleVersion`].
     pub fn open(config: WalConfig) -> Result<(Wal, Recovered), StoreError> {
-        fs::create_dir_all(&config.dir)
-            .map_err(|e| StoreError::io("create directory", &config.dir, e))?;
+        if !config.dir.exists() {
+            fs::create_dir_all(&config.dir)
+                .map_err(|e| StoreError::io("create directory", &config.dir, e))?;
+            // The new directory's own entry must be durable too, or a power loss could take
+            // the log with it.
+            if let Some(parent) = config.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let dir = config
             .dir
             .canonicalize()
@@ -834,13 +841,13 @@ impl Writer {
                 frames,
                 records,
                 reply,
-                _permit,
+                _permit: permit,
             } => {
                 self.buf.extend_from_slice(&frames);
                 self.pending_records += records;
                 self.waiters.push(reply);
-                // The permit is released here: the request has left the queue.
-                drop(_permit);
+                // The request has left the queue: its place is free for another.
+                drop(permit);
             }
             Request::Compact {
                 snapshot, reply, ..
