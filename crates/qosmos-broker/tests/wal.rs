@@ -459,3 +459,33 @@ fn broker_records_replay_and_compact_to_the_same_state() {
     let (_wal, recovered) = open(dir.path());
     assert_eq!(DurableState::replay(decode(recovered.records)), state);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_queued_behind_another_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let big: Vec<Bytes> = (0..2000)
+        .map(|i| Bytes::from(format!("first {i} {}", "s".repeat(300))))
+        .collect();
+    let first = wal.reserve().await.unwrap().compact(big);
+    let between = wal.reserve().await.unwrap().append(vec![rec(1)]);
+    let second = wal
+        .reserve()
+        .await
+        .unwrap()
+        .compact(vec![Bytes::from_static(b"second")]);
+    let after = wal.reserve().await.unwrap().append(vec![rec(2)]);
+    first.await.unwrap();
+    between.await.unwrap();
+    second.await.unwrap();
+    after.await.unwrap();
+    assert_eq!(wal.generation(), 3);
+    assert_eq!(wal.stats().compactions, 2);
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(
+        recovered.records,
+        vec![Bytes::from_static(b"second"), rec(2)]
+    );
+    assert!(!dir.path().join(TMP_FILE).exists());
+}

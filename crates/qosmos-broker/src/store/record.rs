@@ -70,7 +70,10 @@ pub enum Record {
         /// The message id.
         id: u64,
     },
-    /// A delivery of a message is owed to a session.
+    /// A delivery of a message is owed to a session. A session owes at most one delivery per
+    /// message (overlapping subscriptions give one delivery carrying every subscription
+    /// identifier, as MQTT 5.0 section 3.3.4 permits): a second `Enqueue` of the same message
+    /// for the same session is ignored on replay.
     Enqueue {
         /// The client identifier.
         client_id: MqttStr,
