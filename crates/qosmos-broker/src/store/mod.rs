@@ -56,13 +56,17 @@
 //! - A write or sync error stops the log ([`StoreError::Failed`]): after a failed `fsync` the
 //!   page cache cannot be trusted, so the broker should restart and recover.
 
+mod error;
+mod file;
 pub mod record;
 pub mod state;
 pub mod wal;
+mod writer;
 
+pub use error::StoreError;
 pub use record::{RECORD_VERSION, Record, RecordError};
 pub use state::{
     Delivery, DeliveryStage, DurableState, PendingWill, SessionState, StoredMessage,
     StoredSubscription,
 };
-pub use wal::{AppendPermit, Commit, FsyncPolicy, Recovered, StoreError, Wal, WalConfig, WalStats};
+pub use wal::{AppendPermit, Commit, FsyncPolicy, Recovered, Wal, WalConfig, WalStats};
