@@ -37,6 +37,7 @@ mod hub;
 mod metrics;
 mod server;
 mod session;
+pub mod store;
 mod sys;
 
 pub use admin::{BrokerHandle, ClientInfo, SubscriptionInfo};

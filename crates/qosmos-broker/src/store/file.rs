@@ -1,0 +1,186 @@
+//! The log file on disk: header, record frames, recovery of the valid prefix, and atomic
+//! replacement (temporary file, sync, rename, sync directory).
+
+use super::error::StoreError;
+use super::wal::Recovered;
+use bytes::Bytes;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// The first bytes of every log file.
+pub const MAGIC: &[u8; 9] = b"QOSMOSWAL";
+/// The log format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The size of the file header: magic, version, generation.
+pub const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
+/// The largest record accepted: an MQTT packet of the maximum size plus room for the
+/// record's own fields.
+pub const MAX_RECORD_LEN: usize = 268_435_460 + 64 * 1024;
+
+pub(crate) const FRAME_HEADER_LEN: usize = 8;
+/// The log's file name in the data directory.
+pub const LOG_FILE: &str = "wal.log";
+/// The file a compaction writes before renaming it over [`LOG_FILE`]; removed at open.
+pub const TMP_FILE: &str = "wal.log.tmp";
+
+/// Appends one framed record to `buf`.
+pub(crate) fn put_frame(buf: &mut Vec<u8>, payload: &[u8]) -> Result<(), StoreError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_RECORD_LEN)
+        .ok_or(StoreError::RecordTooLarge {
+            len: payload.len(),
+            max: MAX_RECORD_LEN,
+        })?;
+    let len = len.to_le_bytes();
+    buf.extend_from_slice(&len);
+    buf.extend_from_slice(&frame_crc(len, payload).to_le_bytes());
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
+pub(crate) fn frame_crc(len: [u8; 4], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len);
+    h.update(payload);
+    h.finalize()
+}
+
+pub(crate) fn header(generation: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..MAGIC.len()].copy_from_slice(MAGIC);
+    h[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[MAGIC.len() + 4..].copy_from_slice(&generation.to_le_bytes());
+    h
+}
+
+/// Reads the header: the generation, or why the file is not ours.
+pub(crate) fn read_header(path: &Path, data: &[u8]) -> Result<u64, StoreError> {
+    let refuse = |found: String| StoreError::IncompatibleVersion {
+        found,
+        expected: FORMAT_VERSION,
+        path: path.to_path_buf(),
+    };
+    if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+        let head: Vec<String> = data.iter().take(9).map(|b| format!("{b:02x}")).collect();
+        return Err(refuse(format!(
+            "a file that is not a qosmos write-ahead log (first bytes: [{}])",
+            head.join(" ")
+        )));
+    }
+    let Some(rest) = data.get(MAGIC.len()..HEADER_LEN) else {
+        return Err(refuse("a write-ahead log with a truncated header".into()));
+    };
+    let mut version = [0u8; 4];
+    version.copy_from_slice(&rest[..4]);
+    let version = u32::from_le_bytes(version);
+    if version != FORMAT_VERSION {
+        return Err(refuse(format!("write-ahead log format version {version}")));
+    }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&rest[4..]);
+    Ok(u64::from_le_bytes(generation))
+}
+
+/// Splits the records after the header; returns them and the length of the valid prefix.
+pub(crate) fn parse_records(data: &Bytes) -> (Vec<Bytes>, usize) {
+    let mut records = Vec::new();
+    let mut pos = HEADER_LEN;
+    while let Some(frame) = data.get(pos..pos + FRAME_HEADER_LEN) {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&frame[..4]);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&frame[4..]);
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_RECORD_LEN {
+            break;
+        }
+        let start = pos + FRAME_HEADER_LEN;
+        let Some(payload) = data.get(start..start + n) else {
+            break;
+        };
+        if frame_crc(len, payload) != u32::from_le_bytes(crc) {
+            break;
+        }
+        records.push(data.slice(start..start + n));
+        pos = start + n;
+    }
+    (records, pos)
+}
+
+/// Reads the log at `path`, cuts off a torn tail, and opens it for appending.
+pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open", path, e))?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)
+        .map_err(|e| StoreError::io("read", path, e))?;
+    let generation = read_header(path, &data)?;
+    let data = Bytes::from(data);
+    let (records, good) = parse_records(&data);
+    let truncated = (data.len() - good) as u64;
+    if truncated > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            valid_bytes = good,
+            truncated_bytes = truncated,
+            records = records.len(),
+            "the write-ahead log ends in a torn or corrupt tail; cutting it off"
+        );
+        file.set_len(good as u64)
+            .map_err(|e| StoreError::io("truncate", path, e))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("sync", path, e))?;
+    }
+    let recovered = Recovered {
+        records,
+        truncated_bytes: truncated,
+        generation,
+    };
+    Ok((file, recovered, good as u64))
+}
+
+/// Writes a header and `body` to the temporary file and syncs it; returns it open with its
+/// cursor at the end, where the next commit goes. The caller renames it into place.
+pub(crate) fn write_tmp_log(dir: &Path, generation: u64, body: &[u8]) -> Result<File, StoreError> {
+    let tmp = dir.join(TMP_FILE);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&tmp)
+        .map_err(|e| StoreError::io("create", &tmp, e))?;
+    let mut head = Vec::with_capacity(HEADER_LEN + body.len());
+    head.extend_from_slice(&header(generation));
+    head.extend_from_slice(body);
+    file.write_all(&head)
+        .map_err(|e| StoreError::io("write", &tmp, e))?;
+    file.sync_all()
+        .map_err(|e| StoreError::io("sync", &tmp, e))?;
+    Ok(file)
+}
+
+/// Renames the temporary file over the log and syncs the directory so the rename is durable.
+pub(crate) fn install_tmp_log(dir: &Path) -> Result<(), StoreError> {
+    let tmp = dir.join(TMP_FILE);
+    let log = dir.join(LOG_FILE);
+    fs::rename(&tmp, &log).map_err(|e| StoreError::io("rename", &tmp, e))?;
+    sync_dir(dir)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("sync directory", dir, e))
+}
+
+/// Creates a log holding `body` atomically (temporary file, sync, rename, sync directory).
+pub(crate) fn write_new_log(dir: &Path, generation: u64, body: &[u8]) -> Result<File, StoreError> {
+    let file = write_tmp_log(dir, generation, body)?;
+    install_tmp_log(dir)?;
+    Ok(file)
+}

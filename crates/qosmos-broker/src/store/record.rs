@@ -1,0 +1,855 @@
+//! The broker's log records and their binary encoding.
+//!
+//! Each record is `[encoding version: u8][kind tag: u8][fields…]`. Integers are little endian;
+//! strings and byte fields are a `u32` length followed by the bytes; an option is a `0`/`1`
+//! byte followed by the value; a PUBLISH is a length-prefixed MQTT 5.0 PUBLISH packet as the
+//! codec writes it. Decoding is strict: every length is checked against what is left, every
+//! enumerated byte against its values, and trailing bytes are an error, so a record decodes to
+//! exactly one value or to a [`RecordError`], never a panic.
+//!
+//! New kinds of records get new tags; a field added to an existing kind gets a new tag too (or a
+//! new encoding version), so an old log always decodes as it was written.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use qosmos_mqtt::{
+    DecodeError, EncodeError, MqttStr, Packet, PacketId, ProtocolVersion, Publish, QoS,
+    RetainHandling, Role, SubscriptionOptions,
+};
+
+/// The record encoding this build writes (the first byte of every record).
+pub const RECORD_VERSION: u8 = 1;
+
+/// One change to the broker's durable state. The log is a sequence of these; replaying them in
+/// order (see [`DurableState`](super::DurableState)) rebuilds the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Record {
+    /// A session was created or its parameters changed (subscriptions and queue are kept).
+    SessionUpsert {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The protocol level of its last connection (4 = 3.1.1, 5 = 5.0).
+        protocol_level: u8,
+        /// The session expiry interval in seconds.
+        expiry_interval: u32,
+    },
+    /// A session ended: its subscriptions, owed deliveries and awaited releases go with it.
+    SessionDelete {
+        /// The client identifier.
+        client_id: MqttStr,
+    },
+    /// A subscription was made or replaced (before its SUBACK).
+    Subscribe {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The topic filter, `$share/…` included.
+        filter: MqttStr,
+        /// The granted options.
+        options: SubscriptionOptions,
+        /// The 5.0 subscription identifier.
+        subscription_id: Option<u32>,
+    },
+    /// A subscription was removed.
+    Unsubscribe {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The topic filter.
+        filter: MqttStr,
+    },
+    /// An application message, stored once and referenced by deliveries and retained topics.
+    Message {
+        /// The broker-assigned message id.
+        id: u64,
+        /// The message as published (topic resolved).
+        publish: Publish,
+        /// When the 5.0 message expiry interval runs out.
+        expires_at_unix_ms: Option<u64>,
+    },
+    /// A message is dropped whatever still references it (e.g. it expired).
+    MessageDrop {
+        /// The message id.
+        id: u64,
+    },
+    /// A delivery of a message is owed to a session. A session owes at most one delivery per
+    /// message (overlapping subscriptions give one delivery carrying every subscription
+    /// identifier, as MQTT 5.0 section 3.3.4 permits): a second `Enqueue` of the same message
+    /// for the same session is ignored on replay.
+    Enqueue {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The message.
+        message_id: u64,
+        /// The delivery QoS (min of published and granted).
+        qos: QoS,
+        /// The retain flag to send.
+        retain: bool,
+        /// The subscription identifiers to send.
+        subscription_ids: Vec<u32>,
+    },
+    /// A delivery was given a packet identifier; recorded before the PUBLISH goes out, so a
+    /// restart resends with the same identifier and DUP.
+    Sent {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The message.
+        message_id: u64,
+        /// The packet identifier.
+        packet_id: PacketId,
+    },
+    /// A QoS 2 delivery's PUBREC arrived: PUBREL is owed.
+    Released {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The message.
+        message_id: u64,
+        /// The packet identifier.
+        packet_id: PacketId,
+    },
+    /// A delivery completed (PUBACK, PUBCOMP, or a QoS 0 PUBLISH sent).
+    Delivered {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The message.
+        message_id: u64,
+    },
+    /// An incoming QoS 2 PUBLISH was accepted and PUBREC sent: its PUBREL is awaited.
+    AwaitingRelease {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The publisher's packet identifier.
+        packet_id: PacketId,
+    },
+    /// The awaited PUBREL arrived (PUBCOMP sent).
+    ReleaseDone {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The publisher's packet identifier.
+        packet_id: PacketId,
+    },
+    /// A topic's retained message was set.
+    RetainedSet {
+        /// The topic name.
+        topic: MqttStr,
+        /// The message.
+        message_id: u64,
+    },
+    /// A topic's retained message was cleared.
+    RetainedClear {
+        /// The topic name.
+        topic: MqttStr,
+    },
+    /// A will is owed for a client that went away, at `due_unix_ms`.
+    WillPending {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The will as a PUBLISH.
+        publish: Publish,
+        /// When to publish it.
+        due_unix_ms: u64,
+    },
+    /// A will was published or cancelled.
+    WillDone {
+        /// The client identifier.
+        client_id: MqttStr,
+    },
+}
+
+/// Why bytes did not decode as a [`Record`], or a record could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The record ended inside a field.
+    #[error("the record ends inside {0}")]
+    UnexpectedEnd(&'static str),
+    /// The record was written by a newer encoding.
+    #[error("unknown record encoding version {0}")]
+    UnknownVersion(u8),
+    /// The record kind is unknown.
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    /// A string field is not UTF-8.
+    #[error("{0} is not UTF-8")]
+    InvalidUtf8(&'static str),
+    /// A field holds a value outside its range.
+    #[error("invalid {field}: {value}")]
+    InvalidValue {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// Bytes are left after the last field.
+    #[error("{0} bytes after the end of the record")]
+    TrailingBytes(usize),
+    /// The embedded PUBLISH did not decode.
+    #[error("the stored PUBLISH does not decode: {0}")]
+    Publish(#[from] DecodeError),
+    /// The embedded packet is not a PUBLISH.
+    #[error("the stored packet is not a PUBLISH")]
+    NotAPublish,
+    /// The PUBLISH could not be encoded (e.g. its packet identifier disagrees with its QoS).
+    #[error("the PUBLISH cannot be stored: {0}")]
+    Encode(#[from] EncodeError),
+    /// A field is longer than a `u32` length can describe.
+    #[error("{0} is too long to store")]
+    TooLong(&'static str),
+}
+
+mod tag {
+    pub(super) const SESSION_UPSERT: u8 = 1;
+    pub(super) const SESSION_DELETE: u8 = 2;
+    pub(super) const SUBSCRIBE: u8 = 3;
+    pub(super) const UNSUBSCRIBE: u8 = 4;
+    pub(super) const MESSAGE: u8 = 5;
+    pub(super) const MESSAGE_DROP: u8 = 6;
+    pub(super) const ENQUEUE: u8 = 7;
+    pub(super) const SENT: u8 = 8;
+    pub(super) const RELEASED: u8 = 9;
+    pub(super) const DELIVERED: u8 = 10;
+    pub(super) const AWAITING_RELEASE: u8 = 11;
+    pub(super) const RELEASE_DONE: u8 = 12;
+    pub(super) const RETAINED_SET: u8 = 13;
+    pub(super) const RETAINED_CLEAR: u8 = 14;
+    pub(super) const WILL_PENDING: u8 = 15;
+    pub(super) const WILL_DONE: u8 = 16;
+}
+
+impl Record {
+    /// Encodes the record as one log payload.
+    pub fn to_bytes(&self) -> Result<Bytes, RecordError> {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Appends the record's encoding to `buf`; nothing is appended on error.
+    pub fn encode(&self, buf: &mut BytesMut) -> Result<(), RecordError> {
+        let start = buf.len();
+        let result = self.encode_fields(buf);
+        if result.is_err() {
+            buf.truncate(start);
+        }
+        result
+    }
+
+    fn encode_fields(&self, buf: &mut BytesMut) -> Result<(), RecordError> {
+        buf.put_u8(RECORD_VERSION);
+        match self {
+            Record::SessionUpsert {
+                client_id,
+                protocol_level,
+                expiry_interval,
+            } => {
+                buf.put_u8(tag::SESSION_UPSERT);
+                put_str(buf, client_id)?;
+                buf.put_u8(*protocol_level);
+                buf.put_u32_le(*expiry_interval);
+            }
+            Record::SessionDelete { client_id } => {
+                buf.put_u8(tag::SESSION_DELETE);
+                put_str(buf, client_id)?;
+            }
+            Record::Subscribe {
+                client_id,
+                filter,
+                options,
+                subscription_id,
+            } => {
+                buf.put_u8(tag::SUBSCRIBE);
+                put_str(buf, client_id)?;
+                put_str(buf, filter)?;
+                buf.put_u8(options_byte(options));
+                put_opt_u32(buf, *subscription_id);
+            }
+            Record::Unsubscribe { client_id, filter } => {
+                buf.put_u8(tag::UNSUBSCRIBE);
+                put_str(buf, client_id)?;
+                put_str(buf, filter)?;
+            }
+            Record::Message {
+                id,
+                publish,
+                expires_at_unix_ms,
+            } => {
+                buf.put_u8(tag::MESSAGE);
+                buf.put_u64_le(*id);
+                put_publish(buf, publish)?;
+                put_opt_u64(buf, *expires_at_unix_ms);
+            }
+            Record::MessageDrop { id } => {
+                buf.put_u8(tag::MESSAGE_DROP);
+                buf.put_u64_le(*id);
+            }
+            Record::Enqueue {
+                client_id,
+                message_id,
+                qos,
+                retain,
+                subscription_ids,
+            } => {
+                buf.put_u8(tag::ENQUEUE);
+                put_str(buf, client_id)?;
+                buf.put_u64_le(*message_id);
+                buf.put_u8(qos.as_u8());
+                buf.put_u8(u8::from(*retain));
+                let n = u32::try_from(subscription_ids.len())
+                    .map_err(|_| RecordError::TooLong("subscription identifiers"))?;
+                buf.put_u32_le(n);
+                for id in subscription_ids {
+                    buf.put_u32_le(*id);
+                }
+            }
+            Record::Sent {
+                client_id,
+                message_id,
+                packet_id,
+            } => {
+                buf.put_u8(tag::SENT);
+                put_str(buf, client_id)?;
+                buf.put_u64_le(*message_id);
+                buf.put_u16_le(packet_id.get());
+            }
+            Record::Released {
+                client_id,
+                message_id,
+                packet_id,
+            } => {
+                buf.put_u8(tag::RELEASED);
+                put_str(buf, client_id)?;
+                buf.put_u64_le(*message_id);
+                buf.put_u16_le(packet_id.get());
+            }
+            Record::Delivered {
+                client_id,
+                message_id,
+            } => {
+                buf.put_u8(tag::DELIVERED);
+                put_str(buf, client_id)?;
+                buf.put_u64_le(*message_id);
+            }
+            Record::AwaitingRelease {
+                client_id,
+                packet_id,
+            } => {
+                buf.put_u8(tag::AWAITING_RELEASE);
+                put_str(buf, client_id)?;
+                buf.put_u16_le(packet_id.get());
+            }
+            Record::ReleaseDone {
+                client_id,
+                packet_id,
+            } => {
+                buf.put_u8(tag::RELEASE_DONE);
+                put_str(buf, client_id)?;
+                buf.put_u16_le(packet_id.get());
+            }
+            Record::RetainedSet { topic, message_id } => {
+                buf.put_u8(tag::RETAINED_SET);
+                put_str(buf, topic)?;
+                buf.put_u64_le(*message_id);
+            }
+            Record::RetainedClear { topic } => {
+                buf.put_u8(tag::RETAINED_CLEAR);
+                put_str(buf, topic)?;
+            }
+            Record::WillPending {
+                client_id,
+                publish,
+                due_unix_ms,
+            } => {
+                buf.put_u8(tag::WILL_PENDING);
+                put_str(buf, client_id)?;
+                put_publish(buf, publish)?;
+                buf.put_u64_le(*due_unix_ms);
+            }
+            Record::WillDone { client_id } => {
+                buf.put_u8(tag::WILL_DONE);
+                put_str(buf, client_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one record; the bytes must hold exactly one. Strings and payloads share `bytes`.
+    pub fn decode(bytes: &Bytes) -> Result<Record, RecordError> {
+        let mut r = Reader {
+            bytes: bytes.clone(),
+        };
+        let version = r.u8("the encoding version")?;
+        if version != RECORD_VERSION {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        let kind = r.u8("the record kind")?;
+        let record = match kind {
+            tag::SESSION_UPSERT => Record::SessionUpsert {
+                client_id: r.str("client_id")?,
+                protocol_level: r.u8("protocol_level")?,
+                expiry_interval: r.u32("expiry_interval")?,
+            },
+            tag::SESSION_DELETE => Record::SessionDelete {
+                client_id: r.str("client_id")?,
+            },
+            tag::SUBSCRIBE => Record::Subscribe {
+                client_id: r.str("client_id")?,
+                filter: r.str("filter")?,
+                options: r.options()?,
+                subscription_id: r.opt_u32("subscription_id")?,
+            },
+            tag::UNSUBSCRIBE => Record::Unsubscribe {
+                client_id: r.str("client_id")?,
+                filter: r.str("filter")?,
+            },
+            tag::MESSAGE => Record::Message {
+                id: r.u64("id")?,
+                publish: r.publish()?,
+                expires_at_unix_ms: r.opt_u64("expires_at_unix_ms")?,
+            },
+            tag::MESSAGE_DROP => Record::MessageDrop { id: r.u64("id")? },
+            tag::ENQUEUE => {
+                let client_id = r.str("client_id")?;
+                let message_id = r.u64("message_id")?;
+                let qos = r.qos()?;
+                let retain = r.bool("retain")?;
+                let n = r.u32("subscription_ids")? as usize;
+                if n > r.bytes.len() / 4 {
+                    return Err(RecordError::UnexpectedEnd("subscription_ids"));
+                }
+                let mut subscription_ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    subscription_ids.push(r.u32("subscription_ids")?);
+                }
+                Record::Enqueue {
+                    client_id,
+                    message_id,
+                    qos,
+                    retain,
+                    subscription_ids,
+                }
+            }
+            tag::SENT => Record::Sent {
+                client_id: r.str("client_id")?,
+                message_id: r.u64("message_id")?,
+                packet_id: r.packet_id()?,
+            },
+            tag::RELEASED => Record::Released {
+                client_id: r.str("client_id")?,
+                message_id: r.u64("message_id")?,
+                packet_id: r.packet_id()?,
+            },
+            tag::DELIVERED => Record::Delivered {
+                client_id: r.str("client_id")?,
+                message_id: r.u64("message_id")?,
+            },
+            tag::AWAITING_RELEASE => Record::AwaitingRelease {
+                client_id: r.str("client_id")?,
+                packet_id: r.packet_id()?,
+            },
+            tag::RELEASE_DONE => Record::ReleaseDone {
+                client_id: r.str("client_id")?,
+                packet_id: r.packet_id()?,
+            },
+            tag::RETAINED_SET => Record::RetainedSet {
+                topic: r.str("topic")?,
+                message_id: r.u64("message_id")?,
+            },
+            tag::RETAINED_CLEAR => Record::RetainedClear {
+                topic: r.str("topic")?,
+            },
+            tag::WILL_PENDING => Record::WillPending {
+                client_id: r.str("client_id")?,
+                publish: r.publish()?,
+                due_unix_ms: r.u64("due_unix_ms")?,
+            },
+            tag::WILL_DONE => Record::WillDone {
+                client_id: r.str("client_id")?,
+            },
+            other => return Err(RecordError::UnknownKind(other)),
+        };
+        if !r.bytes.is_empty() {
+            return Err(RecordError::TrailingBytes(r.bytes.len()));
+        }
+        Ok(record)
+    }
+}
+
+fn put_len(buf: &mut BytesMut, len: usize, field: &'static str) -> Result<(), RecordError> {
+    let len = u32::try_from(len).map_err(|_| RecordError::TooLong(field))?;
+    buf.put_u32_le(len);
+    Ok(())
+}
+
+fn put_str(buf: &mut BytesMut, s: &MqttStr) -> Result<(), RecordError> {
+    put_len(buf, s.len(), "a string")?;
+    buf.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_opt_u32(buf: &mut BytesMut, v: Option<u32>) {
+    match v {
+        Some(v) => {
+            buf.put_u8(1);
+            buf.put_u32_le(v);
+        }
+        None => buf.put_u8(0),
+    }
+}
+
+fn put_opt_u64(buf: &mut BytesMut, v: Option<u64>) {
+    match v {
+        Some(v) => {
+            buf.put_u8(1);
+            buf.put_u64_le(v);
+        }
+        None => buf.put_u8(0),
+    }
+}
+
+fn put_publish(buf: &mut BytesMut, publish: &Publish) -> Result<(), RecordError> {
+    let packet = Packet::Publish(publish.clone());
+    let len = qosmos_mqtt::encoded_len(&packet, ProtocolVersion::V5)?;
+    put_len(buf, len, "the PUBLISH")?;
+    qosmos_mqtt::encode_packet(&packet, ProtocolVersion::V5, buf)?;
+    Ok(())
+}
+
+/// The options as the SUBSCRIBE options byte of MQTT 5.0.
+fn options_byte(o: &SubscriptionOptions) -> u8 {
+    o.qos.as_u8()
+        | (u8::from(o.no_local) << 2)
+        | (u8::from(o.retain_as_published) << 3)
+        | ((o.retain_handling as u8) << 4)
+}
+
+/// A cursor over a record's bytes.
+struct Reader {
+    bytes: Bytes,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<Bytes, RecordError> {
+        if self.bytes.len() < n {
+            return Err(RecordError::UnexpectedEnd(field));
+        }
+        Ok(self.bytes.split_to(n))
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], RecordError> {
+        let b = self.take(N, field)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(&b);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, RecordError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, RecordError> {
+        Ok(u16::from_le_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, RecordError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, RecordError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn bool(&mut self, field: &'static str) -> Result<bool, RecordError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(RecordError::InvalidValue {
+                field,
+                value: v.into(),
+            }),
+        }
+    }
+
+    fn opt_u32(&mut self, field: &'static str) -> Result<Option<u32>, RecordError> {
+        Ok(if self.bool(field)? {
+            Some(self.u32(field)?)
+        } else {
+            None
+        })
+    }
+
+    fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, RecordError> {
+        Ok(if self.bool(field)? {
+            Some(self.u64(field)?)
+        } else {
+            None
+        })
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<MqttStr, RecordError> {
+        let n = self.u32(field)? as usize;
+        let b = self.take(n, field)?;
+        MqttStr::from_utf8(b).map_err(|_| RecordError::InvalidUtf8(field))
+    }
+
+    fn qos(&mut self) -> Result<QoS, RecordError> {
+        let v = self.u8("qos")?;
+        QoS::from_u8(v).ok_or(RecordError::InvalidValue {
+            field: "qos",
+            value: v.into(),
+        })
+    }
+
+    fn packet_id(&mut self) -> Result<PacketId, RecordError> {
+        let v = self.u16("packet_id")?;
+        PacketId::new(v).ok_or(RecordError::InvalidValue {
+            field: "packet_id",
+            value: 0,
+        })
+    }
+
+    fn options(&mut self) -> Result<SubscriptionOptions, RecordError> {
+        let b = self.u8("options")?;
+        let invalid = RecordError::InvalidValue {
+            field: "options",
+            value: b.into(),
+        };
+        let qos = QoS::from_u8(b & 0b11).ok_or(invalid.clone())?;
+        let retain_handling = match (b >> 4) & 0b11 {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => return Err(invalid),
+        };
+        if b & 0b1100_0000 != 0 {
+            return Err(invalid);
+        }
+        Ok(SubscriptionOptions {
+            qos,
+            no_local: b & 0b100 != 0,
+            retain_as_published: b & 0b1000 != 0,
+            retain_handling,
+        })
+    }
+
+    fn publish(&mut self) -> Result<Publish, RecordError> {
+        let n = self.u32("the PUBLISH")? as usize;
+        let b = self.take(n, "the PUBLISH")?;
+        // Role::Client: a PUBLISH carrying subscription identifiers is one a server sends.
+        match qosmos_mqtt::decode_packet(&b, Role::Client, Some(ProtocolVersion::V5))? {
+            Packet::Publish(p) => Ok(p),
+            _ => Err(RecordError::NotAPublish),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+    use qosmos_mqtt::{Properties, Property};
+
+    fn text() -> impl Strategy<Value = MqttStr> {
+        "[a-zA-Z0-9 é漢/_+#-]{0,12}".prop_map(MqttStr::from)
+    }
+
+    fn qos() -> impl Strategy<Value = QoS> {
+        prop_oneof![
+            Just(QoS::AtMostOnce),
+            Just(QoS::AtLeastOnce),
+            Just(QoS::ExactlyOnce)
+        ]
+    }
+
+    fn pid() -> impl Strategy<Value = PacketId> {
+        (1u16..=u16::MAX).prop_map(|v| PacketId::new(v).unwrap())
+    }
+
+    fn publish() -> impl Strategy<Value = Publish> {
+        (
+            qos(),
+            any::<bool>(),
+            any::<bool>(),
+            "[a-z0-9]{1,6}(/[a-z0-9]{0,6}){0,3}",
+            pid(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            prop::option::of(any::<u32>()),
+            prop::collection::vec(1u32..=268_435_455, 0..3),
+            prop::option::of((text(), text())),
+        )
+            .prop_map(
+                |(qos, dup, retain, topic, pid, payload, expiry, sub_ids, user)| {
+                    let mut properties = Properties::new();
+                    if let Some(e) = expiry {
+                        properties.push(Property::MessageExpiryInterval(e));
+                    }
+                    for id in sub_ids {
+                        properties.push(Property::SubscriptionIdentifier(id));
+                    }
+                    if let Some((k, v)) = user {
+                        properties.push(Property::UserProperty(k, v));
+                    }
+                    Publish {
+                        dup: dup && qos != QoS::AtMostOnce,
+                        qos,
+                        retain,
+                        topic: MqttStr::from(topic),
+                        packet_id: (qos != QoS::AtMostOnce).then_some(pid),
+                        payload: Bytes::from(payload),
+                        properties,
+                    }
+                },
+            )
+    }
+
+    fn options() -> impl Strategy<Value = SubscriptionOptions> {
+        (qos(), any::<bool>(), any::<bool>(), 0u8..3).prop_map(|(qos, nl, rap, rh)| {
+            SubscriptionOptions {
+                qos,
+                no_local: nl,
+                retain_as_published: rap,
+                retain_handling: match rh {
+                    0 => RetainHandling::SendAtSubscribe,
+                    1 => RetainHandling::SendIfNew,
+                    _ => RetainHandling::DoNotSend,
+                },
+            }
+        })
+    }
+
+    pub(crate) fn record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            (text(), any::<u8>(), any::<u32>()).prop_map(|(c, p, e)| Record::SessionUpsert {
+                client_id: c,
+                protocol_level: p,
+                expiry_interval: e
+            }),
+            text().prop_map(|c| Record::SessionDelete { client_id: c }),
+            (text(), text(), options(), prop::option::of(any::<u32>())).prop_map(|(c, f, o, s)| {
+                Record::Subscribe {
+                    client_id: c,
+                    filter: f,
+                    options: o,
+                    subscription_id: s,
+                }
+            }),
+            (text(), text()).prop_map(|(c, f)| Record::Unsubscribe {
+                client_id: c,
+                filter: f
+            }),
+            (any::<u64>(), publish(), prop::option::of(any::<u64>())).prop_map(|(i, p, e)| {
+                Record::Message {
+                    id: i,
+                    publish: p,
+                    expires_at_unix_ms: e,
+                }
+            }),
+            any::<u64>().prop_map(|id| Record::MessageDrop { id }),
+            (
+                text(),
+                any::<u64>(),
+                qos(),
+                any::<bool>(),
+                prop::collection::vec(any::<u32>(), 0..4)
+            )
+                .prop_map(|(c, m, q, r, s)| Record::Enqueue {
+                    client_id: c,
+                    message_id: m,
+                    qos: q,
+                    retain: r,
+                    subscription_ids: s
+                }),
+            (text(), any::<u64>(), pid()).prop_map(|(c, m, p)| Record::Sent {
+                client_id: c,
+                message_id: m,
+                packet_id: p
+            }),
+            (text(), any::<u64>(), pid()).prop_map(|(c, m, p)| Record::Released {
+                client_id: c,
+                message_id: m,
+                packet_id: p
+            }),
+            (text(), any::<u64>()).prop_map(|(c, m)| Record::Delivered {
+                client_id: c,
+                message_id: m
+            }),
+            (text(), pid()).prop_map(|(c, p)| Record::AwaitingRelease {
+                client_id: c,
+                packet_id: p
+            }),
+            (text(), pid()).prop_map(|(c, p)| Record::ReleaseDone {
+                client_id: c,
+                packet_id: p
+            }),
+            (text(), any::<u64>()).prop_map(|(t, m)| Record::RetainedSet {
+                topic: t,
+                message_id: m
+            }),
+            text().prop_map(|t| Record::RetainedClear { topic: t }),
+            (text(), publish(), any::<u64>()).prop_map(|(c, p, d)| Record::WillPending {
+                client_id: c,
+                publish: p,
+                due_unix_ms: d
+            }),
+            text().prop_map(|c| Record::WillDone { client_id: c }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn decode_inverts_encode(r in record()) {
+            let bytes = r.to_bytes().unwrap();
+            prop_assert_eq!(Record::decode(&bytes).unwrap(), r);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..96)) {
+            let _ = Record::decode(&Bytes::from(b));
+        }
+
+        #[test]
+        fn mutated_records_never_panic(r in record(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut b = r.to_bytes().unwrap().to_vec();
+            let i = at.index(b.len());
+            b[i] = byte;
+            let _ = Record::decode(&Bytes::from(b.clone()));
+            b.truncate(cut.index(b.len() + 1));
+            let _ = Record::decode(&Bytes::from(b));
+        }
+    }
+
+    #[test]
+    fn strict_decode_refuses_trailing_bytes_and_unknown_kinds() {
+        let mut b = Record::WillDone {
+            client_id: "c".into(),
+        }
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+        b.push(0);
+        assert_eq!(
+            Record::decode(&Bytes::from(b)),
+            Err(RecordError::TrailingBytes(1))
+        );
+        assert_eq!(
+            Record::decode(&Bytes::from_static(&[RECORD_VERSION, 200])),
+            Err(RecordError::UnknownKind(200))
+        );
+        assert_eq!(
+            Record::decode(&Bytes::from_static(&[9, 1])),
+            Err(RecordError::UnknownVersion(9))
+        );
+    }
+
+    #[test]
+    fn a_publish_whose_packet_id_disagrees_with_its_qos_is_refused_on_encode() {
+        let mut p = Publish::new("t", &b"x"[..]);
+        p.qos = QoS::AtLeastOnce;
+        let r = Record::Message {
+            id: 1,
+            publish: p,
+            expires_at_unix_ms: None,
+        };
+        assert!(matches!(r.to_bytes(), Err(RecordError::Encode(_))));
+    }
+}

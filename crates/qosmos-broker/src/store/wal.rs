@@ -1,0 +1,433 @@
+//! The write-ahead log: an append-only file of checksummed byte records, written by one thread
+//! that commits every waiting append with a single `write` and a single `fdatasync`.
+//!
+//! # File format
+//! `wal.log` in the data directory starts with a 21-byte header: the magic `b"QOSMOSWAL"`, the
+//! format version (`u32` little endian, [`FORMAT_VERSION`]) and the generation (`u64` little
+//! endian, incremented by every compaction). Records follow, each framed as
+//! `[len: u32 LE][crc: u32 LE][payload; len]`, where `crc` is the CRC-32 (IEEE) of the four
+//! length bytes followed by the payload. Covering the length means a run of zero bytes (what
+//! some file systems show after a crash in a region that was allocated but never written) is
+//! never mistaken for a run of empty records.
+//!
+//! # Recovery
+//! [`Wal::open`] reads the records in order and stops at the first frame that is incomplete,
+//! longer than [`MAX_RECORD_LEN`], or fails its checksum. Everything from there to the end of
+//! the file is the torn tail: it is logged, cut off (the file is truncated and synced) and
+//! counted in [`Recovered::truncated_bytes`]. Valid-looking records after a bad one are dropped
+//! too: the log promises its synced prefix and nothing else, and a record after a hole cannot
+//! be trusted to mean what it meant next to its lost predecessor.
+//!
+//! # Compaction
+//! [`Wal::compact`] is queued in order with appends. Every append submitted before it must be
+//! covered by the snapshot the caller hands in; every append submitted after it is copied after
+//! the snapshot into the new file. A helper thread writes and syncs `wal.log.tmp` while the
+//! writer keeps committing appends to the old file (remembering them); the writer then appends
+//! what it remembered, syncs, renames the new file over `wal.log` and syncs the directory.
+//! A crash at any point leaves either the old log or the new one, both complete.
+
+use super::error::StoreError;
+use super::file::{FRAME_HEADER_LEN, put_frame, recover, sync_dir, write_new_log};
+use super::writer::{Request, Shared, Writer};
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::fs;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+pub use super::file::{FORMAT_VERSION, HEADER_LEN, LOG_FILE, MAGIC, MAX_RECORD_LEN, TMP_FILE};
+
+/// When the writer calls `fdatasync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Every commit is synced before its appends resolve. Survives SIGKILL and power loss.
+    #[default]
+    Always,
+    /// Like `Always`, but the writer waits up to `max_delay` after the first waiting append to
+    /// gather more into the same sync. Trades latency for fewer syncs.
+    Batch {
+        /// How long the first append of a commit may wait for company.
+        max_delay: Duration,
+    },
+    /// Appends resolve once `write` returned: the data is in the OS page cache. Survives
+    /// SIGKILL of the process, but a power loss or kernel crash may lose recent records.
+    Never,
+}
+
+/// How to open a [`Wal`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WalConfig {
+    /// The data directory; created if missing.
+    pub dir: PathBuf,
+    /// When to sync.
+    pub fsync: FsyncPolicy,
+    /// How many appends may wait for the writer before [`Wal::append`] waits for room.
+    pub queue_capacity: usize,
+}
+
+impl WalConfig {
+    /// A configuration for `dir` with [`FsyncPolicy::Always`] and a queue of 4096 appends.
+    pub fn new(dir: impl Into<PathBuf>) -> WalConfig {
+        WalConfig {
+            dir: dir.into(),
+            fsync: FsyncPolicy::Always,
+            queue_capacity: 4096,
+        }
+    }
+
+    /// The same configuration with another fsync policy.
+    pub fn with_fsync(mut self, fsync: FsyncPolicy) -> WalConfig {
+        self.fsync = fsync;
+        self
+    }
+}
+
+/// What [`Wal::open`] found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovered {
+    /// Every valid record, in the order it was appended.
+    pub records: Vec<Bytes>,
+    /// How many bytes of torn or corrupt tail were cut off the end of the log.
+    pub truncated_bytes: u64,
+    /// The generation of the log file (1 for a new log, +1 per compaction).
+    pub generation: u64,
+}
+
+/// Counters of the writer's work since the log was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WalStats {
+    /// Appends committed (each may hold several records).
+    pub appends: u64,
+    /// Records committed.
+    pub records: u64,
+    /// Bytes written by commits, framing included.
+    pub bytes: u64,
+    /// `write` calls made for commits: one per group commit.
+    pub writes: u64,
+    /// `fdatasync` calls made for commits: one per group commit unless the policy is `Never`.
+    pub fsyncs: u64,
+    /// Compactions completed.
+    pub compactions: u64,
+}
+
+/// The data directories open in this process: a second [`Wal::open`] of one is refused.
+static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Holds a data directory open in [`OPEN_DIRS`] until dropped.
+#[derive(Debug)]
+struct DirLock(PathBuf);
+
+impl DirLock {
+    fn acquire(dir: &Path) -> Result<DirLock, StoreError> {
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        if !open.insert(dir.to_path_buf()) {
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+            });
+        }
+        Ok(DirLock(dir.to_path_buf()))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
+        open.remove(&self.0);
+    }
+}
+
+/// A durable append-only log of byte records with group commit.
+///
+/// Appends are submitted to one writer thread through a bounded queue; the writer takes every
+/// append waiting, writes them with one `write` and syncs once (per [`FsyncPolicy`]), then
+/// resolves them all. Records reach the file in the order their appends were submitted.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), qosmos_broker::store::StoreError> {
+/// use bytes::Bytes;
+/// use qosmos_broker::store::{Wal, WalConfig};
+/// let (wal, recovered) = Wal::open(WalConfig::new("/var/lib/qosmos"))?;
+/// for record in recovered.records { /* replay */ let _ = record; }
+/// wal.append(vec![Bytes::from_static(b"hello")]).await?; // durable now
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Wal {
+    tx: mpsc::Sender<Request>,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+    dir: PathBuf,
+    _lock: DirLock,
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `config.dir`, recovers its records and starts the writer.
+    ///
+    /// A torn or corrupt tail is cut off and reported in [`Recovered::truncated_bytes`], never
+    /// an error. A log of another format is refused with [`StoreError::IncompatibleVersion`].
+    pub fn open(config: WalConfig) -> Result<(Wal, Recovered), StoreError> {
+        if !config.dir.exists() {
+            fs::create_dir_all(&config.dir)
+                .map_err(|e| StoreError::io("create directory", &config.dir, e))?;
+            // The new directory's own entry must be durable too, or a power loss could take
+            // the log with it.
+            if let Some(parent) = config.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        let dir = config
+            .dir
+            .canonicalize()
+            .map_err(|e| StoreError::io("resolve", &config.dir, e))?;
+        let lock = DirLock::acquire(&dir)?;
+
+        let tmp_path = dir.join(TMP_FILE);
+        if tmp_path.exists() {
+            // A compaction died before its rename: the old log is still whole.
+            fs::remove_file(&tmp_path).map_err(|e| StoreError::io("remove", &tmp_path, e))?;
+        }
+        let log_path = dir.join(LOG_FILE);
+        let (file, recovered, len) = if log_path.exists() {
+            recover(&log_path)?
+        } else {
+            let generation = 1;
+            let file = write_new_log(&dir, generation, &[])?;
+            let recovered = Recovered {
+                records: Vec::new(),
+                truncated_bytes: 0,
+                generation,
+            };
+            (file, recovered, HEADER_LEN as u64)
+        };
+
+        let shared = Arc::new(Shared::default());
+        shared.len.store(len, Ordering::Relaxed);
+        shared
+            .generation
+            .store(recovered.generation, Ordering::Relaxed);
+        let (tx, handle) = Writer::start(
+            dir.clone(),
+            file,
+            len,
+            recovered.generation,
+            config.fsync,
+            shared.clone(),
+        )?;
+        let wal = Wal {
+            tx,
+            permits: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
+            shared,
+            writer: Some(handle),
+            dir,
+            _lock: lock,
+        };
+        Ok((wal, recovered))
+    }
+
+    /// Waits for room in the writer's queue. The permit submits without waiting, so a caller
+    /// can change its in-memory state and submit the matching records under one lock, which
+    /// keeps the order of the log equal to the order of the changes (what a consistent
+    /// [`compact`](AppendPermit::compact) snapshot needs).
+    pub fn reserve(
+        &self,
+    ) -> impl Future<Output = Result<AppendPermit, StoreError>> + Send + 'static {
+        let permits = self.permits.clone();
+        let tx = self.tx.clone();
+        async move {
+            let permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            Ok(AppendPermit {
+                tx,
+                permit: Some(permit),
+            })
+        }
+    }
+
+    /// Appends `records` and resolves once they are durable per the [`FsyncPolicy`]. The
+    /// append is submitted when the future first finds room in the queue.
+    pub fn append(
+        &self,
+        records: Vec<Bytes>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let reserve = self.reserve();
+        async move { reserve.await?.append(records).await }
+    }
+
+    /// Replaces the log with `snapshot` plus every record appended after this call; resolves
+    /// once the new log is in place. See [`AppendPermit::compact`].
+    pub fn compact(
+        &self,
+        snapshot: Vec<Bytes>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let reserve = self.reserve();
+        async move { reserve.await?.compact(snapshot).await }
+    }
+
+    /// [`append`](Wal::append) for synchronous code (tests, tools): blocks the thread until
+    /// the records are durable. Must not be called from an async task.
+    pub fn append_blocking(&self, records: Vec<Bytes>) -> Result<(), StoreError> {
+        let permit = AppendPermit {
+            tx: self.tx.clone(),
+            permit: None,
+        };
+        permit.append(records).wait()
+    }
+
+    /// [`compact`](Wal::compact) for synchronous code. Must not be called from an async task.
+    pub fn compact_blocking(&self, snapshot: Vec<Bytes>) -> Result<(), StoreError> {
+        let permit = AppendPermit {
+            tx: self.tx.clone(),
+            permit: None,
+        };
+        permit.compact(snapshot).wait()
+    }
+
+    /// The current size of the log file in bytes, header included, as of the last commit.
+    pub fn len_bytes(&self) -> u64 {
+        self.shared.len.load(Ordering::Relaxed)
+    }
+
+    /// The generation of the current log file.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Relaxed)
+    }
+
+    /// Counters of the writer's work since open.
+    pub fn stats(&self) -> WalStats {
+        let s = &self.shared;
+        WalStats {
+            appends: s.appends.load(Ordering::Relaxed),
+            records: s.records.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            compactions: s.compactions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The (canonical) data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Commits everything submitted so far, stops the writer and releases the directory.
+    /// Dropping the `Wal` does the same.
+    pub fn close(self) {}
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.permits.close();
+        let _ = self.tx.send(Request::Shutdown);
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!(dir = %self.dir.display(), "the write-ahead log writer panicked");
+            }
+        }
+    }
+}
+
+/// Room in the writer's queue for one append or compaction, from [`Wal::reserve`].
+#[derive(Debug)]
+pub struct AppendPermit {
+    tx: mpsc::Sender<Request>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AppendPermit {
+    /// Submits `records` now; the returned [`Commit`] resolves once they are durable.
+    pub fn append(self, records: Vec<Bytes>) -> Commit {
+        let size: usize = records.iter().map(|r| FRAME_HEADER_LEN + r.len()).sum();
+        let mut frames = Vec::with_capacity(size);
+        for r in &records {
+            if let Err(e) = put_frame(&mut frames, r) {
+                return Commit::ready(Err(e));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Append {
+            frames,
+            records: records.len() as u64,
+            reply,
+            _permit: self.permit,
+        };
+        submit(&self.tx, request, rx)
+    }
+
+    /// Submits a compaction now: the new log holds `snapshot`, which must cover every append
+    /// submitted before this call, followed by every record appended after it. The returned
+    /// [`Commit`] resolves once the new log has replaced the old one.
+    pub fn compact(self, snapshot: Vec<Bytes>) -> Commit {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Compact {
+            snapshot,
+            reply,
+            _permit: self.permit,
+        };
+        submit(&self.tx, request, rx)
+    }
+}
+
+fn submit(
+    tx: &mpsc::Sender<Request>,
+    request: Request,
+    rx: oneshot::Receiver<Result<(), StoreError>>,
+) -> Commit {
+    match tx.send(request) {
+        Ok(()) => Commit(CommitState::Waiting(rx)),
+        Err(_) => Commit::ready(Err(StoreError::Closed)),
+    }
+}
+
+/// Resolves once an append (or compaction) is durable, with the writer's verdict.
+#[derive(Debug)]
+#[must_use = "an append is durable only once its Commit resolves"]
+pub struct Commit(CommitState);
+
+#[derive(Debug)]
+enum CommitState {
+    Ready(Option<Result<(), StoreError>>),
+    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+}
+
+impl Commit {
+    fn ready(result: Result<(), StoreError>) -> Commit {
+        Commit(CommitState::Ready(Some(result)))
+    }
+
+    /// Blocks the thread until the commit resolves. Must not be called from an async task.
+    pub fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            CommitState::Ready(result) => result.unwrap_or(Err(StoreError::Closed)),
+            CommitState::Waiting(rx) => rx.blocking_recv().unwrap_or(Err(StoreError::Closed)),
+        }
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<(), StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            CommitState::Ready(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(StoreError::Closed)))
+            }
+            CommitState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::Closed))),
+        }
+    }
+}

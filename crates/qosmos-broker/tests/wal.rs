@@ -1,0 +1,491 @@
+//! The write-ahead log against its file: round trips, torn and corrupt tails, refused formats,
+//! compaction, and group commit.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use bytes::Bytes;
+use qosmos_broker::store::wal::{FORMAT_VERSION, HEADER_LEN, LOG_FILE, MAGIC, TMP_FILE};
+use qosmos_broker::store::{DurableState, FsyncPolicy, Record, StoreError, Wal, WalConfig};
+use qosmos_mqtt::{PacketId, Publish, QoS, SubscriptionOptions};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn rec(i: usize) -> Bytes {
+    // Sizes vary so frames do not line up on any boundary.
+    Bytes::from(format!("record {i} {}", "x".repeat(i % 17)))
+}
+
+fn open(dir: &Path) -> (Wal, qosmos_broker::store::Recovered) {
+    Wal::open(WalConfig::new(dir)).unwrap()
+}
+
+fn log_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(LOG_FILE)
+}
+
+#[test]
+fn records_survive_reopen_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, recovered) = open(dir.path());
+    assert!(recovered.records.is_empty());
+    assert_eq!(recovered.generation, 1);
+    assert_eq!(wal.len_bytes(), HEADER_LEN as u64);
+    for i in 0..10 {
+        wal.append_blocking(vec![rec(i)]).unwrap();
+    }
+    wal.append_blocking(vec![rec(10), rec(11), Bytes::new()])
+        .unwrap();
+    let len = wal.len_bytes();
+    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), len);
+    drop(wal);
+
+    let (wal, recovered) = open(dir.path());
+    let mut expected: Vec<Bytes> = (0..12).map(rec).collect();
+    expected.push(Bytes::new());
+    assert_eq!(recovered.records, expected);
+    assert_eq!(recovered.truncated_bytes, 0);
+    assert_eq!(wal.len_bytes(), len);
+    // Appending continues after the recovered records.
+    wal.append_blocking(vec![rec(99)]).unwrap();
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records.len(), 14);
+    assert_eq!(recovered.records[13], rec(99));
+}
+
+/// Writes five records and returns the file's bytes and where the last record's frame starts.
+fn five_records(dir: &Path) -> (Vec<u8>, usize) {
+    let (wal, _) = open(dir);
+    for i in 0..4 {
+        wal.append_blocking(vec![rec(i)]).unwrap();
+    }
+    let before_last = wal.len_bytes() as usize;
+    wal.append_blocking(vec![rec(4)]).unwrap();
+    drop(wal);
+    (std::fs::read(log_path(dir)).unwrap(), before_last)
+}
+
+#[test]
+fn a_torn_tail_at_every_offset_of_the_last_record_is_cut_off() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, last_start) = five_records(src.path());
+    let expected: Vec<Bytes> = (0..4).map(rec).collect();
+    for cut in last_start..bytes.len() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(log_path(dir.path()), &bytes[..cut]).unwrap();
+        let (wal, recovered) = open(dir.path());
+        assert_eq!(recovered.records, expected, "cut at {cut}");
+        assert_eq!(recovered.truncated_bytes, (cut - last_start) as u64);
+        assert_eq!(wal.len_bytes(), last_start as u64);
+        assert_eq!(
+            std::fs::metadata(log_path(dir.path())).unwrap().len(),
+            last_start as u64,
+            "the file is truncated to the last good record"
+        );
+        // The log goes on from the cut, and the next open finds no tail.
+        wal.append_blocking(vec![rec(7)]).unwrap();
+        drop(wal);
+        let (_wal, again) = open(dir.path());
+        assert_eq!(again.truncated_bytes, 0);
+        assert_eq!(again.records.len(), 5);
+        assert_eq!(again.records[4], rec(7));
+    }
+    // Every cut inside the earlier records keeps exactly the whole records before it.
+    for cut in HEADER_LEN..last_start {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(log_path(dir.path()), &bytes[..cut]).unwrap();
+        let (_wal, recovered) = open(dir.path());
+        let n = recovered.records.len();
+        assert_eq!(recovered.records[..], expected[..n], "cut at {cut}");
+        assert!(recovered.truncated_bytes < 64);
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_the_last_payload_is_caught_by_the_checksum() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, last_start) = five_records(src.path());
+    for at in last_start..bytes.len() {
+        for bit in [0u8, 3, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut corrupt = bytes.clone();
+            corrupt[at] ^= 1 << bit;
+            std::fs::write(log_path(dir.path()), &corrupt).unwrap();
+            let (_wal, recovered) = open(dir.path());
+            assert_eq!(recovered.records, (0..4).map(rec).collect::<Vec<_>>());
+            assert_eq!(recovered.truncated_bytes, (bytes.len() - last_start) as u64);
+        }
+    }
+}
+
+#[test]
+fn corruption_in_the_middle_drops_everything_after_it() {
+    let src = tempfile::tempdir().unwrap();
+    let (mut bytes, _) = five_records(src.path());
+    // The payload of the second record.
+    let second = HEADER_LEN + 8 + rec(0).len() + 8;
+    bytes[second] ^= 0x40;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(log_path(dir.path()), &bytes).unwrap();
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records, vec![rec(0)]);
+    assert_eq!(
+        recovered.truncated_bytes,
+        (bytes.len() - (HEADER_LEN + 8 + rec(0).len())) as u64
+    );
+}
+
+#[test]
+fn zeroed_space_after_the_log_is_not_read_as_records() {
+    let src = tempfile::tempdir().unwrap();
+    let (mut bytes, _) = five_records(src.path());
+    let len = bytes.len();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(log_path(dir.path()), &bytes).unwrap();
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records.len(), 5);
+    assert_eq!(recovered.truncated_bytes, 4096);
+    assert_eq!(
+        std::fs::metadata(log_path(dir.path())).unwrap().len(),
+        len as u64
+    );
+}
+
+#[test]
+fn a_log_of_another_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    header.extend_from_slice(&1u64.to_le_bytes());
+    std::fs::write(log_path(dir.path()), &header).unwrap();
+    let err = Wal::open(WalConfig::new(dir.path())).unwrap_err();
+    match &err {
+        StoreError::IncompatibleVersion {
+            found,
+            expected,
+            path,
+        } => {
+            assert_eq!(*expected, FORMAT_VERSION);
+            assert!(found.contains("version 2"), "{found}");
+            assert!(path.ends_with(LOG_FILE));
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("move the data directory away"),
+        "{message}"
+    );
+    // The refused file is left as it was.
+    assert_eq!(std::fs::read(log_path(dir.path())).unwrap(), header);
+}
+
+#[test]
+fn a_file_that_is_not_a_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(log_path(dir.path()), b"SQLite format 3\0").unwrap();
+    let err = Wal::open(WalConfig::new(dir.path())).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::IncompatibleVersion { found, .. } if found.contains("not a qosmos")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let err = Wal::open(WalConfig::new(dir.path())).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    // Through another spelling of the same path, too.
+    let other = dir
+        .path()
+        .join(".")
+        .join("..")
+        .join(dir.path().file_name().unwrap());
+    assert!(matches!(
+        Wal::open(WalConfig::new(other)),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(wal);
+    let (_wal, _) = open(dir.path());
+}
+
+#[test]
+fn a_leftover_compaction_file_is_ignored_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    wal.append_blocking(vec![rec(1)]).unwrap();
+    drop(wal);
+    std::fs::write(dir.path().join(TMP_FILE), b"QOSMOSWAL half a compaction").unwrap();
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records, vec![rec(1)]);
+    assert!(!dir.path().join(TMP_FILE).exists());
+}
+
+#[test]
+fn compaction_replaces_the_log_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    for i in 0..100 {
+        wal.append_blocking(vec![rec(i)]).unwrap();
+    }
+    let before = wal.len_bytes();
+    wal.compact_blocking(vec![Bytes::from_static(b"snapshot")])
+        .unwrap();
+    assert_eq!(wal.generation(), 2);
+    assert_eq!(wal.stats().compactions, 1);
+    assert!(wal.len_bytes() < before);
+    assert_eq!(
+        std::fs::metadata(log_path(dir.path())).unwrap().len(),
+        wal.len_bytes()
+    );
+    wal.append_blocking(vec![rec(1000)]).unwrap();
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(
+        recovered.records,
+        vec![Bytes::from_static(b"snapshot"), rec(1000)]
+    );
+    assert_eq!(recovered.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_the_records_appended_after_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let wal = Arc::new(wal);
+    for i in 0..50 {
+        wal.append(vec![rec(i)]).await.unwrap();
+    }
+    // A large snapshot, so the compaction is still writing while the appends below commit to
+    // the old log.
+    let snapshot: Vec<Bytes> = (0..4000)
+        .map(|i| Bytes::from(format!("live {i} {}", "s".repeat(500))))
+        .collect();
+    let compaction = wal.reserve().await.unwrap().compact(snapshot.clone());
+    // Submitted after the compaction, in this order.
+    let mut after = Vec::new();
+    for i in 100..300 {
+        let permit = wal.reserve().await.unwrap();
+        after.push(permit.append(vec![rec(i)]));
+    }
+    for commit in after {
+        commit.await.unwrap();
+    }
+    compaction.await.unwrap();
+    for i in 300..310 {
+        wal.append(vec![rec(i)]).await.unwrap();
+    }
+    assert_eq!(wal.generation(), 2);
+    drop(wal);
+
+    let (_wal, recovered) = open(dir.path());
+    let mut expected = snapshot;
+    expected.extend((100..310).map(rec));
+    assert_eq!(recovered.records.len(), expected.len());
+    assert_eq!(recovered.records, expected);
+    assert_eq!(recovered.truncated_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let wal = Arc::new(wal);
+    let start = Arc::new(tokio::sync::Barrier::new(200));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let wal = wal.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            wal.append(vec![rec(i)]).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = wal.stats();
+    assert_eq!(stats.appends, 200);
+    assert_eq!(stats.records, 200);
+    assert_eq!(stats.fsyncs, stats.writes);
+    assert!(
+        stats.fsyncs <= 50,
+        "200 concurrent appends took {} fsyncs",
+        stats.fsyncs
+    );
+    drop(Arc::into_inner(wal).unwrap());
+    let (_wal, recovered) = open(dir.path());
+    let mut got: Vec<Bytes> = recovered.records;
+    got.sort();
+    let mut expected: Vec<Bytes> = (0..200).map(rec).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_policy_gathers_appends_into_fewer_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig::new(dir.path()).with_fsync(FsyncPolicy::Batch {
+        max_delay: Duration::from_millis(20),
+    });
+    let (wal, _) = Wal::open(config).unwrap();
+    let mut commits = Vec::new();
+    for i in 0..100 {
+        commits.push(wal.reserve().await.unwrap().append(vec![rec(i)]));
+    }
+    for c in commits {
+        c.await.unwrap();
+    }
+    assert!(wal.stats().fsyncs <= 5, "{:?}", wal.stats());
+}
+
+#[test]
+fn never_policy_writes_without_syncing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig::new(dir.path()).with_fsync(FsyncPolicy::Never);
+    let (wal, _) = Wal::open(config).unwrap();
+    for i in 0..20 {
+        wal.append_blocking(vec![rec(i)]).unwrap();
+    }
+    assert_eq!(wal.stats().fsyncs, 0);
+    assert_eq!(wal.stats().writes, 20);
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records, (0..20).map(rec).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn appends_after_close_fail_with_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let pending = wal.append(vec![rec(1)]);
+    wal.close();
+    assert!(matches!(pending.await, Err(StoreError::Closed)));
+}
+
+/// The whole path the broker takes: records encoded into the log, replayed into the state,
+/// compacted from a snapshot, and replayed again to the same state.
+#[test]
+fn broker_records_replay_and_compact_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let c = qosmos_mqtt::MqttStr::from("sensor-1");
+    let pid = PacketId::new(5).unwrap();
+    let mut publish = Publish::new("sensors/1", &b"21.5"[..]);
+    publish.qos = QoS::ExactlyOnce;
+    publish.packet_id = Some(pid);
+    let log = vec![
+        Record::SessionUpsert {
+            client_id: c.clone(),
+            protocol_level: 5,
+            expiry_interval: 3600,
+        },
+        Record::Subscribe {
+            client_id: c.clone(),
+            filter: "sensors/#".into(),
+            options: SubscriptionOptions::with_qos(QoS::ExactlyOnce),
+            subscription_id: Some(3),
+        },
+        Record::Message {
+            id: 1,
+            publish: publish.clone(),
+            expires_at_unix_ms: None,
+        },
+        Record::Message {
+            id: 2,
+            publish,
+            expires_at_unix_ms: Some(1_900_000_000_000),
+        },
+        Record::Enqueue {
+            client_id: c.clone(),
+            message_id: 1,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids: vec![3],
+        },
+        Record::Enqueue {
+            client_id: c.clone(),
+            message_id: 2,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids: vec![3],
+        },
+        Record::Sent {
+            client_id: c.clone(),
+            message_id: 1,
+            packet_id: pid,
+        },
+        Record::Released {
+            client_id: c.clone(),
+            message_id: 1,
+            packet_id: pid,
+        },
+        Record::Delivered {
+            client_id: c.clone(),
+            message_id: 1,
+        },
+        Record::AwaitingRelease {
+            client_id: c,
+            packet_id: pid,
+        },
+    ];
+    for r in &log {
+        wal.append_blocking(vec![r.to_bytes().unwrap()]).unwrap();
+    }
+    drop(wal);
+
+    let decode = |records: Vec<Bytes>| -> Vec<Record> {
+        records.iter().map(|b| Record::decode(b).unwrap()).collect()
+    };
+    let (wal, recovered) = open(dir.path());
+    let state = DurableState::replay(decode(recovered.records));
+    assert_eq!(state, DurableState::replay(log));
+    assert_eq!(
+        state.messages.len(),
+        1,
+        "message 1 was delivered and dropped"
+    );
+
+    let snapshot = state
+        .snapshot()
+        .iter()
+        .map(|r| r.to_bytes().unwrap())
+        .collect();
+    wal.compact_blocking(snapshot).unwrap();
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(DurableState::replay(decode(recovered.records)), state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_queued_behind_another_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let big: Vec<Bytes> = (0..2000)
+        .map(|i| Bytes::from(format!("first {i} {}", "s".repeat(300))))
+        .collect();
+    let first = wal.reserve().await.unwrap().compact(big);
+    let between = wal.reserve().await.unwrap().append(vec![rec(1)]);
+    let second = wal
+        .reserve()
+        .await
+        .unwrap()
+        .compact(vec![Bytes::from_static(b"second")]);
+    let after = wal.reserve().await.unwrap().append(vec![rec(2)]);
+    first.await.unwrap();
+    between.await.unwrap();
+    second.await.unwrap();
+    after.await.unwrap();
+    assert_eq!(wal.generation(), 3);
+    assert_eq!(wal.stats().compactions, 2);
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(
+        recovered.records,
+        vec![Bytes::from_static(b"second"), rec(2)]
+    );
+    assert!(!dir.path().join(TMP_FILE).exists());
+}
