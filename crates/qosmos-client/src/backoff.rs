@@ -83,7 +83,11 @@ mod tests {
         for i in 0..12 {
             let cap = (Duration::from_millis(100) * (1 << i)).min(Duration::from_secs(5));
             let d = b.next_delay();
-            assert!(d >= cap / 2 && d <= cap, "attempt {i}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
             assert!(cap >= prev_cap);
             prev_cap = cap;
         }

@@ -3,7 +3,7 @@
 use crate::backoff::Backoff;
 use crate::error::OptionsError;
 use bytes::Bytes;
-use qosmos_mqtt::{LastWill, ProtocolVersion, Properties, QoS};
+use qosmos_mqtt::{LastWill, Properties, ProtocolVersion, QoS};
 use std::time::Duration;
 
 /// The will message: published by the broker if the connection ends without DISCONNECT.

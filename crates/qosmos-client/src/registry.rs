@@ -155,10 +155,8 @@ impl Registry {
     /// Records (or replaces) a subscription; it is unconfirmed until its SUBACK.
     pub(crate) fn insert(&mut self, filter: &str, options: SubscribeOptions) {
         self.stale.remove(filter);
-        self.entries.insert(
-            filter.to_owned(),
-            (options, SubscriptionState::Unconfirmed),
-        );
+        self.entries
+            .insert(filter.to_owned(), (options, SubscriptionState::Unconfirmed));
     }
 
     /// Removes a subscription; true if it was registered.
@@ -230,12 +228,7 @@ impl Registry {
         }
         let batches = groups
             .into_values()
-            .flat_map(|group| {
-                group
-                    .chunks(BATCH)
-                    .map(<[_]>::to_vec)
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|group| group.chunks(BATCH).map(<[_]>::to_vec).collect::<Vec<_>>())
             .collect();
         (batches, unsubscribe)
     }
@@ -289,9 +282,17 @@ mod tests {
         let mut r = Registry::default();
         r.insert("TEST", q(2));
         r.insert("new", q(1));
-        r.confirm("TEST", &q(2), Ok(SubscribeOutcome::Granted(QoS::ExactlyOnce)));
+        r.confirm(
+            "TEST",
+            &q(2),
+            Ok(SubscribeOutcome::Granted(QoS::ExactlyOnce)),
+        );
         r.insert("gone", q(1));
-        r.confirm("gone", &q(1), Ok(SubscribeOutcome::Granted(QoS::AtLeastOnce)));
+        r.confirm(
+            "gone",
+            &q(1),
+            Ok(SubscribeOutcome::Granted(QoS::AtLeastOnce)),
+        );
         assert!(r.remove("gone"));
         r.mark_stale("gone");
         let (batches, unsub) = r.on_connect(true);

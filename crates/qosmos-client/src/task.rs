@@ -18,7 +18,7 @@ use qosmos_mqtt::state::{
     OutgoingConfig, QueueLimit, SessionLoss, StateError, Ticket,
 };
 use qosmos_mqtt::{
-    ConnAck, Connect, Decoder, Disconnect, Encoder, Packet, PacketId, ProtocolVersion, Properties,
+    ConnAck, Connect, Decoder, Disconnect, Encoder, Packet, PacketId, Properties, ProtocolVersion,
     Publish, QoS, ReasonCode, Role, SubAck, Subscribe, Subscription, UnsubAck, Unsubscribe, topic,
 };
 use std::collections::{HashMap, VecDeque};
@@ -365,11 +365,16 @@ impl Task {
 
     /// Runs one connection until it ends.
     async fn serve(&mut self, inbox: &mut Inbox, mut conn: Conn, connack: ConnAck) -> End {
-        match self.on_connected(&mut conn, &connack) {
-            Ok(()) => {}
-            Err(reason) => return End::Lost(reason),
+        if let Err(reason) = self.on_connected(&mut conn, &connack) {
+            return End::Lost(reason);
         }
-        match self.serve_loop(inbox, &mut conn).await {
+        // Packets that came in the same read as CONNACK.
+        let first = self.read_packets(&mut conn);
+        let result = match first {
+            Ok(()) => self.serve_loop(inbox, &mut conn).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => {
                 // Closing: say goodbye so the broker drops the will, and flush.
                 let _ = conn.encode(&Packet::Disconnect(Disconnect::new(
@@ -457,11 +462,11 @@ impl Task {
         let (batches, stale) = self.registry.on_connect(sp);
         let restored: usize = batches.iter().map(Vec::len).sum();
         if !sp && restored > 0 {
-            StatsCell::add(
-                &self.shared.stats.subscriptions_restored,
-                restored as u64,
+            StatsCell::add(&self.shared.stats.subscriptions_restored, restored as u64);
+            tracing::info!(
+                count = restored,
+                "restoring subscriptions with their own options"
             );
-            tracing::info!(count = restored, "restoring subscriptions with their own options");
         }
         for batch in batches {
             self.send_subscribe(conn, batch, !sp)?;
@@ -704,7 +709,10 @@ impl Task {
     fn handle_ack(&mut self, ack: AckRequest) {
         self.unacked_deliveries = self.unacked_deliveries.saturating_sub(1);
         if ack.epoch != self.epoch {
-            tracing::debug!(packet_id = ack.packet_id, "acknowledgement for a lost session dropped");
+            tracing::debug!(
+                packet_id = ack.packet_id,
+                "acknowledgement for a lost session dropped"
+            );
             return;
         }
         if let Err(e) = self.incoming.ack(ack.packet_id) {
@@ -866,7 +874,17 @@ impl Task {
         filters: Vec<String>,
         reply: Option<Reply<()>>,
     ) -> Result<(), String> {
+        let fail = |task: &mut Task, filters: Vec<String>, reply: Option<Reply<()>>| {
+            // Not sent: told to the broker on the next resumed session instead.
+            for f in &filters {
+                task.registry.mark_stale(f);
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        };
         let Some(packet_id) = self.outgoing.reserve_packet_id() else {
+            fail(self, filters, reply);
             return Err("no free packet identifier for UNSUBSCRIBE".to_owned());
         };
         let packet = Packet::Unsubscribe(Unsubscribe {
@@ -876,6 +894,7 @@ impl Task {
         });
         if let Err(e) = conn.encode(&packet) {
             self.outgoing.release_packet_id(packet_id);
+            fail(self, filters, reply);
             return Err(e);
         }
         self.unsub_inflight.insert(packet_id, (filters, reply));
@@ -913,16 +932,9 @@ impl Task {
                 self.registry.remove(&filter);
                 match conn {
                     Some(conn) => {
-                        if let Err(e) = self.send_unsubscribe(conn, vec![filter.clone()], None) {
+                        // On failure the filter is marked stale and the reply answered.
+                        if let Err(e) = self.send_unsubscribe(conn, vec![filter], Some(reply)) {
                             tracing::error!(error = %e, "cannot send UNSUBSCRIBE now");
-                            self.registry.mark_stale(&filter);
-                            let _ = reply.send(Ok(()));
-                        } else if let Some(entry) = self
-                            .unsub_inflight
-                            .values_mut()
-                            .find(|(f, r)| r.is_none() && f == &[filter.clone()])
-                        {
-                            entry.1 = Some(reply);
                         }
                     }
                     None => {

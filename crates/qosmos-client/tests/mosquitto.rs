@@ -65,7 +65,11 @@ async fn seed_scenario(version: ProtocolVersion) {
     let msg = within("message", messages.recv()).await.unwrap();
     assert_eq!(msg.topic, "TEST");
     assert_eq!(&msg.payload[..], b"order-1");
-    assert_eq!(msg.qos, QoS::ExactlyOnce, "the restored subscription is QoS 2");
+    assert_eq!(
+        msg.qos,
+        QoS::ExactlyOnce,
+        "the restored subscription is QoS 2"
+    );
 
     let stats = client.stats();
     assert_eq!(stats.subscriptions_restored, 1);
@@ -132,7 +136,10 @@ async fn subscribe_before_the_broker_is_up() {
     .await
     .unwrap();
     let msg = within("message", messages.recv()).await.unwrap();
-    assert_eq!((msg.topic.as_str(), msg.qos), ("orders/7", QoS::ExactlyOnce));
+    assert_eq!(
+        (msg.topic.as_str(), msg.qos),
+        ("orders/7", QoS::ExactlyOnce)
+    );
     client.disconnect().await;
     publisher.disconnect().await;
 }
@@ -191,7 +198,10 @@ async fn no_resubscribe_with_session(version: ProtocolVersion) {
 
     let stats = client.stats();
     assert_eq!(stats.connects, 2);
-    assert_eq!(stats.subscribe_packets, 1, "no SUBSCRIBE on a resumed session");
+    assert_eq!(
+        stats.subscribe_packets, 1,
+        "no SUBSCRIBE on a resumed session"
+    );
     assert_eq!(stats.subscriptions_restored, 0);
     publisher.disconnect().await;
     client.disconnect().await;
@@ -249,7 +259,14 @@ async fn downgrade_is_detected_and_checked_again_at_restore() {
     })
     .await;
     assert!(
-        matches!(ev, ClientEvent::Downgraded { restored: true, requested: QoS::ExactlyOnce, .. }),
+        matches!(
+            ev,
+            ClientEvent::Downgraded {
+                restored: true,
+                requested: QoS::ExactlyOnce,
+                ..
+            }
+        ),
         "{ev:?}"
     );
     assert_eq!(client.stats().downgrades, 2);
@@ -305,7 +322,11 @@ async fn routes_and_fallback() {
         .await
         .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(16);
-    for (name, filter) in [("plus", "orders/+"), ("hash", "orders/#"), ("exact", "orders/1")] {
+    for (name, filter) in [
+        ("plus", "orders/+"),
+        ("hash", "orders/#"),
+        ("exact", "orders/1"),
+    ] {
         let tx = tx.clone();
         client.route(filter, move |m| {
             let tx = tx.clone();
@@ -324,9 +345,12 @@ async fn routes_and_fallback() {
     within("subscribe", client.subscribe("#", QoS::AtLeastOnce))
         .await
         .unwrap();
-    within("publish", client.publish_to("orders/1", QoS::AtLeastOnce, "a"))
-        .await
-        .unwrap();
+    within(
+        "publish",
+        client.publish_to("orders/1", QoS::AtLeastOnce, "a"),
+    )
+    .await
+    .unwrap();
     within("publish", client.publish_to("other", QoS::AtLeastOnce, "b"))
         .await
         .unwrap();
@@ -337,7 +361,12 @@ async fn routes_and_fallback() {
     let names: Vec<_> = got.iter().map(|(n, t)| format!("{n}:{t}")).collect();
     assert_eq!(
         names,
-        ["plus:orders/1", "hash:orders/1", "exact:orders/1", "fallback:other"]
+        [
+            "plus:orders/1",
+            "hash:orders/1",
+            "exact:orders/1",
+            "fallback:other"
+        ]
     );
     client.disconnect().await;
 }

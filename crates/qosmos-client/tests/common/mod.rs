@@ -141,7 +141,7 @@ impl FakeBroker {
         Peer {
             stream,
             rbuf: BytesMut::new(),
-            decoder: Decoder::new(Role::Server, Some(version)),
+            decoder: Decoder::new(Role::Server, None),
             encoder: Encoder::new(version),
         }
     }
