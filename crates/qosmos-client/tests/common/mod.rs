@@ -121,6 +121,73 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A broker the scenario tests can start and stop on a fixed port.
+pub trait TestBroker {
+    /// The port it listens on (the same across restarts).
+    fn port(&self) -> u16;
+    /// Starts it and waits until it accepts connections.
+    async fn start(&mut self);
+    /// Stops it, losing every session (no persistence).
+    async fn stop(&mut self);
+}
+
+impl TestBroker for Mosquitto {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    async fn start(&mut self) {
+        Mosquitto::start(self).await;
+    }
+    async fn stop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Our own broker, in process, in memory.
+pub struct QosmosBroker {
+    pub port: u16,
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), qosmos_broker::BrokerError>>,
+    )>,
+}
+
+impl QosmosBroker {
+    pub fn new() -> QosmosBroker {
+        QosmosBroker {
+            port: free_port(),
+            running: None,
+        }
+    }
+}
+
+impl TestBroker for QosmosBroker {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    async fn start(&mut self) {
+        let config = qosmos_broker::Config {
+            mqtt_addr: ([127, 0, 0, 1], self.port).into(),
+            ..Default::default()
+        };
+        let broker = qosmos_broker::Broker::bind(config).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(broker.run(async move {
+            let _ = rx.await;
+        }));
+        self.running = Some((tx, join));
+    }
+    async fn stop(&mut self) {
+        if let Some((tx, join)) = self.running.take() {
+            let _ = tx.send(());
+            within("qosmos broker to stop", join)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
 /// A scripted broker: accepts connections and lets the test read and write packets.
 pub struct FakeBroker {
     pub listener: TcpListener,

@@ -1,19 +1,19 @@
-//! The client against Mosquitto: the seed's scenario and the other promises, over real TCP.
+//! The client against real brokers, over TCP: Mosquitto and our own `qosmos-broker`. Each
+//! scenario runs against both (except `max_qos`, which only Mosquitto can be told).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
-use common::{Mosquitto, Proxy, opts, wait_event, within};
+use common::{Mosquitto, Proxy, QosmosBroker, TestBroker, opts, wait_event, within};
 use qosmos_client::{Client, ClientError, ClientEvent, SubscribeOutcome, SubscriptionState};
 use qosmos_mqtt::{ProtocolVersion, QoS};
 use std::net::SocketAddr;
 
 /// The seed: subscribe "TEST" at QoS 2; the broker restarts without persistence; the client
 /// subscribes again at QoS 2 (not 0) and the next message still arrives at QoS 2.
-async fn seed_scenario(version: ProtocolVersion) {
-    let mut broker = Mosquitto::new("");
+async fn seed_scenario(mut broker: impl TestBroker, version: ProtocolVersion) {
     broker.start().await;
-    let client = Client::connect(opts(broker.port, version).fail_fast(true))
+    let client = Client::connect(opts(broker.port(), version).fail_fast(true))
         .await
         .unwrap();
     let mut messages = client.messages();
@@ -23,7 +23,7 @@ async fn seed_scenario(version: ProtocolVersion) {
     assert_eq!(granted, SubscribeOutcome::Granted(QoS::ExactlyOnce));
 
     let mut events = client.events();
-    broker.kill();
+    broker.stop().await;
     wait_event(&mut events, "disconnected", |e| {
         matches!(e, ClientEvent::Disconnected { .. })
     })
@@ -52,7 +52,7 @@ async fn seed_scenario(version: ProtocolVersion) {
         }
     );
 
-    let publisher = Client::connect(opts(broker.port, version).fail_fast(true))
+    let publisher = Client::connect(opts(broker.port(), version).fail_fast(true))
         .await
         .unwrap();
     let done = within(
@@ -87,26 +87,34 @@ async fn seed_scenario(version: ProtocolVersion) {
 }
 
 #[tokio::test]
-async fn seed_broker_restart_keeps_qos2_v311() {
-    seed_scenario(ProtocolVersion::V311).await;
+async fn mosquitto_seed_broker_restart_keeps_qos2_v311() {
+    seed_scenario(Mosquitto::new(""), ProtocolVersion::V311).await;
 }
 
 #[tokio::test]
-async fn seed_broker_restart_keeps_qos2_v5() {
-    seed_scenario(ProtocolVersion::V5).await;
+async fn mosquitto_seed_broker_restart_keeps_qos2_v5() {
+    seed_scenario(Mosquitto::new(""), ProtocolVersion::V5).await;
+}
+
+#[tokio::test]
+async fn qosmos_seed_broker_restart_keeps_qos2_v311() {
+    seed_scenario(QosmosBroker::new(), ProtocolVersion::V311).await;
+}
+
+#[tokio::test]
+async fn qosmos_seed_broker_restart_keeps_qos2_v5() {
+    seed_scenario(QosmosBroker::new(), ProtocolVersion::V5).await;
 }
 
 /// Fail fast reports an unreachable broker; without it, a subscribe made while the broker is
 /// down is recorded, sent once it is up, and answered then.
-#[tokio::test]
-async fn subscribe_before_the_broker_is_up() {
-    let mut broker = Mosquitto::new("");
-    let err = Client::connect(opts(broker.port, ProtocolVersion::V5).fail_fast(true))
+async fn subscribe_before_the_broker_is_up(mut broker: impl TestBroker) {
+    let err = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err}");
 
-    let client = Client::connect(opts(broker.port, ProtocolVersion::V5))
+    let client = Client::connect(opts(broker.port(), ProtocolVersion::V5))
         .await
         .unwrap();
     assert!(!client.is_connected());
@@ -126,7 +134,7 @@ async fn subscribe_before_the_broker_is_up() {
     let granted = within("subscribe after connect", sub).await.unwrap();
     assert_eq!(granted, SubscribeOutcome::Granted(QoS::ExactlyOnce));
 
-    let publisher = Client::connect(opts(broker.port, ProtocolVersion::V5).fail_fast(true))
+    let publisher = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
         .await
         .unwrap();
     within(
@@ -144,12 +152,21 @@ async fn subscribe_before_the_broker_is_up() {
     publisher.disconnect().await;
 }
 
+#[tokio::test]
+async fn mosquitto_subscribe_before_the_broker_is_up() {
+    subscribe_before_the_broker_is_up(Mosquitto::new("")).await;
+}
+
+#[tokio::test]
+async fn qosmos_subscribe_before_the_broker_is_up() {
+    subscribe_before_the_broker_is_up(QosmosBroker::new()).await;
+}
+
 /// With a persistent session that the broker keeps, a reconnect resubscribes nothing: exactly
 /// one SUBSCRIBE is ever sent, and the kept subscription still delivers at QoS 2.
-async fn no_resubscribe_with_session(version: ProtocolVersion) {
-    let mut broker = Mosquitto::new("");
+async fn no_resubscribe_with_session(mut broker: impl TestBroker, version: ProtocolVersion) {
     broker.start().await;
-    let upstream: SocketAddr = ([127, 0, 0, 1], broker.port).into();
+    let upstream: SocketAddr = ([127, 0, 0, 1], broker.port()).into();
     let proxy = Proxy::start(upstream).await;
     let id = format!("persistent-{version}");
     let client = Client::connect(
@@ -184,7 +201,7 @@ async fn no_resubscribe_with_session(version: ProtocolVersion) {
         }
     );
 
-    let publisher = Client::connect(opts(broker.port, version).fail_fast(true))
+    let publisher = Client::connect(opts(broker.port(), version).fail_fast(true))
         .await
         .unwrap();
     within(
@@ -208,22 +225,32 @@ async fn no_resubscribe_with_session(version: ProtocolVersion) {
 }
 
 #[tokio::test]
-async fn no_resubscribe_when_session_present_v311() {
-    no_resubscribe_with_session(ProtocolVersion::V311).await;
+async fn mosquitto_no_resubscribe_when_session_present_v311() {
+    no_resubscribe_with_session(Mosquitto::new(""), ProtocolVersion::V311).await;
 }
 
 #[tokio::test]
-async fn no_resubscribe_when_session_present_v5() {
-    no_resubscribe_with_session(ProtocolVersion::V5).await;
+async fn mosquitto_no_resubscribe_when_session_present_v5() {
+    no_resubscribe_with_session(Mosquitto::new(""), ProtocolVersion::V5).await;
+}
+
+#[tokio::test]
+async fn qosmos_no_resubscribe_when_session_present_v311() {
+    no_resubscribe_with_session(QosmosBroker::new(), ProtocolVersion::V311).await;
+}
+
+#[tokio::test]
+async fn qosmos_no_resubscribe_when_session_present_v5() {
+    no_resubscribe_with_session(QosmosBroker::new(), ProtocolVersion::V5).await;
 }
 
 /// `max_qos 1`: a QoS 2 subscription is granted QoS 1. That is reported, not hidden: in the
 /// result, as an event, in the counters, and again when the subscription is restored.
 #[tokio::test]
-async fn downgrade_is_detected_and_checked_again_at_restore() {
+async fn mosquitto_downgrade_is_detected_and_checked_again_at_restore() {
     let mut broker = Mosquitto::new("max_qos 1");
     broker.start().await;
-    let client = Client::connect(opts(broker.port, ProtocolVersion::V311).fail_fast(true))
+    let client = Client::connect(opts(broker.port(), ProtocolVersion::V311).fail_fast(true))
         .await
         .unwrap();
     let mut events = client.events();
@@ -252,7 +279,7 @@ async fn downgrade_is_detected_and_checked_again_at_restore() {
     );
     assert_eq!(client.stats().downgrades, 1);
 
-    broker.kill();
+    broker.stop().await;
     broker.start().await;
     let ev = wait_event(&mut events, "downgrade at restore", |e| {
         matches!(e, ClientEvent::Downgraded { .. })
@@ -278,15 +305,13 @@ async fn downgrade_is_detected_and_checked_again_at_restore() {
 
 /// A publish made while the broker is down waits in the offline queue and resolves (PUBCOMP)
 /// once the broker is back.
-#[tokio::test]
-async fn publish_awaited_across_broker_restart() {
-    let mut broker = Mosquitto::new("");
+async fn publish_awaited_across_broker_restart(mut broker: impl TestBroker) {
     broker.start().await;
-    let client = Client::connect(opts(broker.port, ProtocolVersion::V5).fail_fast(true))
+    let client = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
         .await
         .unwrap();
     let mut events = client.events();
-    broker.kill();
+    broker.stop().await;
     wait_event(&mut events, "disconnected", |e| {
         matches!(e, ClientEvent::Disconnected { .. })
     })
@@ -313,12 +338,20 @@ async fn publish_awaited_across_broker_restart() {
     client.disconnect().await;
 }
 
-/// Routing by filter: every matching handler runs; the fallback takes the rest.
 #[tokio::test]
-async fn routes_and_fallback() {
-    let mut broker = Mosquitto::new("");
+async fn mosquitto_publish_awaited_across_broker_restart() {
+    publish_awaited_across_broker_restart(Mosquitto::new("")).await;
+}
+
+#[tokio::test]
+async fn qosmos_publish_awaited_across_broker_restart() {
+    publish_awaited_across_broker_restart(QosmosBroker::new()).await;
+}
+
+/// Routing by filter: every matching handler runs; the fallback takes the rest.
+async fn routes_and_fallback(mut broker: impl TestBroker) {
     broker.start().await;
-    let client = Client::connect(opts(broker.port, ProtocolVersion::V5).fail_fast(true))
+    let client = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
         .await
         .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(16);
@@ -369,4 +402,78 @@ async fn routes_and_fallback() {
         ]
     );
     client.disconnect().await;
+}
+
+#[tokio::test]
+async fn mosquitto_routes_and_fallback() {
+    routes_and_fallback(Mosquitto::new("")).await;
+}
+
+#[tokio::test]
+async fn qosmos_routes_and_fallback() {
+    routes_and_fallback(QosmosBroker::new()).await;
+}
+
+/// Several app instances share `$share/web/jobs/+`: each message is handled by exactly one of
+/// them, at QoS 2, and routes registered with the shared filter match the plain topics.
+async fn shared_subscription_across_instances(mut broker: impl TestBroker) {
+    broker.start().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, String)>(64);
+    let mut instances = Vec::new();
+    for i in 0..2 {
+        let c = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
+            .await
+            .unwrap();
+        let tx = tx.clone();
+        c.route("$share/web/jobs/+", move |m| {
+            let tx = tx.clone();
+            async move {
+                assert_eq!(m.qos, QoS::ExactlyOnce);
+                tx.send((i, m.topic)).await.unwrap();
+            }
+        });
+        let granted = within(
+            "shared subscribe",
+            c.subscribe("$share/web/jobs/+", QoS::ExactlyOnce),
+        )
+        .await
+        .unwrap();
+        assert_eq!(granted, SubscribeOutcome::Granted(QoS::ExactlyOnce));
+        instances.push(c);
+    }
+    let publisher = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        within(
+            "publish",
+            publisher.publish_to(&format!("jobs/{n}"), QoS::ExactlyOnce, "job"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let (_, topic) = within("shared delivery", rx.recv()).await.unwrap();
+        assert!(seen.insert(topic.clone()), "{topic} handled twice");
+    }
+    assert_eq!(seen.len(), 10);
+    for c in &instances {
+        c.disconnect().await;
+    }
+    publisher.disconnect().await;
+    // Nothing else arrived: every sender is gone once the clients are shut down.
+    drop(instances);
+    drop(tx);
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn mosquitto_shared_subscription_across_instances() {
+    shared_subscription_across_instances(Mosquitto::new("")).await;
+}
+
+#[tokio::test]
+async fn qosmos_shared_subscription_across_instances() {
+    shared_subscription_across_instances(QosmosBroker::new()).await;
 }
