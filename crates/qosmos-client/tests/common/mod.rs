@@ -143,13 +143,15 @@ impl TestBroker for Mosquitto {
     }
 }
 
+type Running = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), qosmos_broker::BrokerError>>,
+);
+
 /// Our own broker, in process, in memory.
 pub struct QosmosBroker {
     pub port: u16,
-    running: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), qosmos_broker::BrokerError>>,
-    )>,
+    running: Option<Running>,
 }
 
 impl QosmosBroker {
