@@ -382,3 +382,60 @@ async fn shutdown_waits_for_inflight_acknowledgements() {
         .unwrap_err();
     assert_eq!(err, ClientError::Closed);
 }
+
+/// Backpressure: with the handler stuck, the client stops reading the socket, so the broker's
+/// writes stall instead of the client buffering without bound; once the handler goes on,
+/// everything arrives.
+#[tokio::test]
+async fn a_slow_handler_stops_socket_reads() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const N: usize = 512;
+    const SIZE: usize = 128 * 1024; // 64 MiB in all: far more than socket buffers hold
+
+    let fake = FakeBroker::bind().await;
+    let client = Client::connect(opts(fake.port, ProtocolVersion::V311).delivery_capacity(1))
+        .await
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let count = Arc::new(AtomicUsize::new(0));
+    let (all_tx, mut all) = tokio::sync::mpsc::channel::<()>(1);
+    {
+        let gate = gate.clone();
+        let count = count.clone();
+        client.route("big", move |_m| {
+            let gate = gate.clone();
+            let count = count.clone();
+            let all_tx = all_tx.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                gate.add_permits(1);
+                if count.fetch_add(1, Ordering::SeqCst) + 1 == N {
+                    all_tx.send(()).await.unwrap();
+                }
+            }
+        });
+    }
+    let mut peer = fake.accept(ProtocolVersion::V311).await;
+    peer.handshake(false).await;
+    let payload = bytes::Bytes::from(vec![7u8; SIZE]);
+    let mut writer = tokio::spawn(async move {
+        for _ in 0..N {
+            peer.send(Packet::Publish(Publish::new("big", payload.clone())))
+                .await;
+        }
+        peer
+    });
+    // Bounded wait for a negative: the writes must not all go through while the handler waits.
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+    assert!(
+        early.is_err(),
+        "the client read 64 MiB with its handler stuck"
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+
+    gate.add_permits(1);
+    let _peer = within("the writes to finish", writer).await.unwrap();
+    within("every message handled", all.recv()).await.unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), N);
+}
