@@ -55,6 +55,15 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The broker accepts messages up to a lower QoS (5.0 Maximum QoS): the message was not
+    /// sent rather than sent at a lower QoS.
+    #[error("the broker accepts QoS {maximum} at most, the message asks for QoS {requested}")]
+    QosNotSupported {
+        /// The message's QoS.
+        requested: QoS,
+        /// The broker's Maximum QoS.
+        maximum: QoS,
+    },
     /// A QoS 0 message was not written because the connection ended first.
     #[error("the connection ended before the QoS 0 message was written")]
     NotSent,

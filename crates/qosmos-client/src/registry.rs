@@ -233,6 +233,11 @@ impl Registry {
         (batches, unsubscribe)
     }
 
+    /// The options registered for `filter`.
+    pub(crate) fn options(&self, filter: &str) -> Option<SubscribeOptions> {
+        self.entries.get(filter).map(|(o, _)| *o)
+    }
+
     #[cfg(test)]
     pub(crate) fn get(&self, filter: &str) -> Option<(SubscribeOptions, SubscriptionState)> {
         self.entries.get(filter).copied()

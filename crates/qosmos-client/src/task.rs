@@ -30,6 +30,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+/// How many bytes are read ahead of the handlers while they are behind.
+const READ_AHEAD: usize = 64 * 1024;
+
 /// What the broker said about a message we published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishOutcome {
@@ -101,8 +104,6 @@ struct Conn {
     decoder: Decoder,
     encoder: Encoder,
     keep_alive: KeepAlive,
-    /// A message the handlers had no room for: reading stops until it is handed over.
-    stalled: Option<Message>,
 }
 
 impl Conn {
@@ -142,6 +143,11 @@ pub(crate) struct Task {
     sub_waiters: HashMap<String, Vec<(SubscribeOptions, Reply<SubscribeOutcome>)>>,
     sub_inflight: HashMap<PacketId, SubInflight>,
     unsub_inflight: HashMap<PacketId, (Vec<String>, Option<Reply<()>>)>,
+    /// A message the handlers had no room for: reading stops until it is handed over. It is
+    /// kept across a reconnection (dropping it would acknowledge a message nobody handled).
+    stalled: Option<Message>,
+    /// The highest QoS the broker accepts from us (5.0 Maximum QoS).
+    server_max_qos: QoS,
     /// QoS 1 and 2 messages handed to the application and not acknowledged yet.
     unacked_deliveries: usize,
     closing: Option<(Option<oneshot::Sender<()>>, Instant)>,
@@ -190,6 +196,8 @@ impl Task {
             sub_inflight: HashMap::new(),
             unsub_inflight: HashMap::new(),
             unacked_deliveries: 0,
+            stalled: None,
+            server_max_qos: QoS::ExactlyOnce,
             closing: None,
         };
         (task, Inbox { cmd_rx, ack_rx })
@@ -217,6 +225,9 @@ impl Task {
                     if matches!(end, End::Closed) {
                         break;
                     }
+                    // A broker that accepts and drops at once must not make us spin.
+                    let delay = self.backoff.next_delay();
+                    self.offline(&mut inbox, delay).await;
                 }
                 Err(e) => {
                     StatsCell::add(&self.shared.stats.connect_failures, 1);
@@ -252,8 +263,10 @@ impl Task {
                 return;
             }
             let close_at = self.closing.as_ref().map(|(_, d)| *d);
+            let deliver = self.deliver_tx.clone();
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => return,
+                permit = deliver.reserve(), if self.stalled.is_some() => self.unstall(permit),
                 _ = sleep_opt(close_at) => return,
                 ack = inbox.ack_rx.recv() => {
                     if let Some(ack) = ack {
@@ -300,7 +313,6 @@ impl Task {
             decoder: Decoder::new(Role::Client, Some(version)),
             encoder: Encoder::new(version),
             keep_alive: KeepAlive::client(self.opts.keep_alive, Instant::now().into_std()),
-            stalled: None,
         };
         conn.encode(&Packet::Connect(self.connect_packet()))
             .map_err(HandshakeError::Other)?;
@@ -416,6 +428,10 @@ impl Task {
             if let Some(ka) = props.server_keep_alive() {
                 conn.keep_alive = KeepAlive::client(ka, Instant::now().into_std());
             }
+            self.server_max_qos = props
+                .maximum_qos()
+                .and_then(QoS::from_u8)
+                .unwrap_or(QoS::ExactlyOnce);
             if props.maximum_qos().is_some_and(|q| q < 2) {
                 tracing::warn!(
                     maximum_qos = ?props.maximum_qos(),
@@ -504,12 +520,8 @@ impl Task {
                         }
                     }
                 }
-                permit = deliver.reserve(), if conn.stalled.is_some() => {
-                    if let (Ok(permit), Some(msg)) = (permit, conn.stalled.take()) {
-                        permit.send(msg);
-                    } else {
-                        conn.stalled = None;
-                    }
+                permit = deliver.reserve(), if self.stalled.is_some() => {
+                    self.unstall(permit);
                     self.read_packets(conn)?;
                 }
                 ack = inbox.ack_rx.recv() => {
@@ -520,7 +532,10 @@ impl Task {
                 cmd = inbox.cmd_rx.recv(), if self.closing.is_none() => {
                     self.handle_command(cmd, Some(conn));
                 }
-                res = conn.reader.read_buf(&mut conn.rbuf), if conn.stalled.is_none() => {
+                // While the handlers are behind, read only a little ahead: enough to notice the
+                // connection closing, not enough to buffer without bound.
+                res = conn.reader.read_buf(&mut conn.rbuf),
+                    if self.stalled.is_none() || conn.rbuf.len() < READ_AHEAD => {
                     match res {
                         Ok(0) => return Err(("the broker closed the connection".to_owned(), None)),
                         Err(e) => return Err((format!("read failed: {e}"), None)),
@@ -532,7 +547,7 @@ impl Task {
                 }
                 _ = sleep_opt(ka) => {
                     let now = Instant::now().into_std();
-                    if conn.stalled.is_some() {
+                    if self.stalled.is_some() && conn.rbuf.len() >= READ_AHEAD {
                         // We stopped reading on purpose: silence is ours, not the broker's.
                         conn.keep_alive.handle_received(now);
                     }
@@ -609,9 +624,9 @@ impl Task {
     }
 
     fn read_packets(&mut self, conn: &mut Conn) -> Result<(), (String, Option<ReasonCode>)> {
-        while conn.stalled.is_none() {
+        while self.stalled.is_none() {
             match conn.decoder.decode(&mut conn.rbuf) {
-                Ok(Some(packet)) => self.handle_packet(conn, packet)?,
+                Ok(Some(packet)) => self.handle_packet(packet)?,
                 Ok(None) => break,
                 Err(e) => {
                     return Err((
@@ -624,11 +639,7 @@ impl Task {
         Ok(())
     }
 
-    fn handle_packet(
-        &mut self,
-        conn: &mut Conn,
-        packet: Packet,
-    ) -> Result<(), (String, Option<ReasonCode>)> {
+    fn handle_packet(&mut self, packet: Packet) -> Result<(), (String, Option<ReasonCode>)> {
         let protocol = |e: StateError| {
             (
                 format!("protocol error from the broker: {e}"),
@@ -637,7 +648,7 @@ impl Task {
         };
         match packet {
             Packet::Publish(p) => match self.incoming.handle_publish(p) {
-                Ok(Some(p)) => self.deliver(conn, p),
+                Ok(Some(p)) => self.deliver(p),
                 Ok(None) => {
                     StatsCell::add(&self.shared.stats.duplicates_dropped, 1);
                     tracing::debug!("resent PUBLISH recognised, not handed over again");
@@ -682,7 +693,15 @@ impl Task {
         Ok(())
     }
 
-    fn deliver(&mut self, conn: &mut Conn, p: Publish) {
+    fn unstall(&mut self, permit: Result<mpsc::Permit<'_, Message>, mpsc::error::SendError<()>>) {
+        match (permit, self.stalled.take()) {
+            (Ok(permit), Some(msg)) => permit.send(msg),
+            // The dispatcher is gone (shutting down): dropping acknowledges.
+            (Err(_), _) | (_, None) => {}
+        }
+    }
+
+    fn deliver(&mut self, p: Publish) {
         StatsCell::add(&self.shared.stats.received, 1);
         let ack = match (p.qos, p.packet_id) {
             (QoS::AtMostOnce, _) | (_, None) => None,
@@ -700,7 +719,7 @@ impl Task {
         let msg = Message::new(p, ack);
         match self.deliver_tx.try_send(msg) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => conn.stalled = Some(msg),
+            Err(mpsc::error::TrySendError::Full(msg)) => self.stalled = Some(msg),
             // The dispatcher is gone (shutting down): dropping acknowledges.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
@@ -918,6 +937,9 @@ impl Task {
                     return;
                 }
                 self.registry.insert(&filter, options);
+                if conn.is_none() {
+                    self.cancel_replaced_waiters();
+                }
                 self.sub_waiters
                     .entry(filter.clone())
                     .or_default()
@@ -963,6 +985,13 @@ impl Task {
             let _ = reply.send(Err(ClientError::InvalidTopic {
                 topic: msg.topic.to_string(),
                 reason: e.to_string(),
+            }));
+            return;
+        }
+        if msg.qos > self.server_max_qos {
+            let _ = reply.send(Err(ClientError::QosNotSupported {
+                requested: msg.qos,
+                maximum: self.server_max_qos,
             }));
             return;
         }
@@ -1020,6 +1049,24 @@ impl Task {
         }
     }
 
+    /// Subscribe callers whose options were replaced (or unsubscribed) before their SUBSCRIBE
+    /// was answered: no SUBACK will come for what they asked.
+    fn cancel_replaced_waiters(&mut self) {
+        let registry = &self.registry;
+        let mut cancelled = Vec::new();
+        for (filter, waiters) in self.sub_waiters.iter_mut() {
+            let current = registry.options(filter);
+            let (keep, gone): (Vec<_>, Vec<_>) =
+                waiters.drain(..).partition(|(o, _)| Some(*o) == current);
+            *waiters = keep;
+            cancelled.extend(gone);
+        }
+        self.sub_waiters.retain(|_, w| !w.is_empty());
+        for (_, w) in cancelled {
+            let _ = w.send(Err(ClientError::Cancelled));
+        }
+    }
+
     fn on_connection_end(&mut self, end: &End) {
         self.outgoing.on_disconnect();
         self.incoming.on_disconnect();
@@ -1036,6 +1083,7 @@ impl Task {
                 let _ = reply.send(Ok(()));
             }
         }
+        self.cancel_replaced_waiters();
         for (_, ticket) in std::mem::take(&mut self.qos0_marks) {
             if let Some(w) = self.pub_waiters.remove(&ticket) {
                 let _ = w.send(Err(ClientError::NotSent));

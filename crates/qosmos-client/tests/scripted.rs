@@ -439,3 +439,81 @@ async fn a_slow_handler_stops_socket_reads() {
     within("every message handled", all.recv()).await.unwrap();
     assert_eq!(count.load(Ordering::SeqCst), N);
 }
+
+/// A message the handlers had no room for when the connection dropped is neither lost nor
+/// acknowledged unhandled: it is handed over after the reconnection, once, and the broker's
+/// resends of it are answered without a second delivery.
+#[tokio::test]
+async fn a_stalled_message_survives_a_reconnect() {
+    use std::sync::Arc;
+    let fake = FakeBroker::bind().await;
+    let client = Client::connect(
+        opts(fake.port, ProtocolVersion::V5)
+            .clean_start(false)
+            .session_expiry(60)
+            .delivery_capacity(1),
+    )
+    .await
+    .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (seen_tx, mut seen) = tokio::sync::mpsc::channel::<String>(16);
+    {
+        let gate = gate.clone();
+        client.route("#", move |m| {
+            let gate = gate.clone();
+            let seen = seen_tx.clone();
+            async move {
+                gate.acquire().await.unwrap().forget();
+                seen.send(m.payload_str().unwrap_or("").to_owned())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    let publish = |id: u16, dup: bool| {
+        let mut p = Publish::new("t", format!("m{id}"));
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = Some(pid(id));
+        p.dup = dup;
+        Packet::Publish(p)
+    };
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(false).await;
+    for id in 1..=3 {
+        peer.send(publish(id, false)).await;
+    }
+    // m1 in the handler, m2 in the channel, m3 stalled in the connection task.
+    within("three messages read", async {
+        while client.stats().received < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    drop(peer);
+
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(true).await;
+    for id in 1..=3 {
+        peer.send(publish(id, true)).await;
+    }
+    gate.add_permits(100);
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < 3 {
+        match peer.recv_no_ping().await {
+            Packet::PubAck(a) => assert!(acked.insert(a.packet_id.get()), "PUBACK twice"),
+            p => panic!("unexpected {p:?}"),
+        }
+    }
+    peer.send(Packet::Publish(Publish::new("t", "sentinel")))
+        .await;
+    let mut got = Vec::new();
+    loop {
+        let m = within("handled", seen.recv()).await.unwrap();
+        if m == "sentinel" {
+            break;
+        }
+        got.push(m);
+    }
+    got.sort();
+    assert_eq!(got, ["m1", "m2", "m3"], "each message handled exactly once");
+}
