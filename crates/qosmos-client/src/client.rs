@@ -170,6 +170,10 @@ impl Client {
     /// `$share/{group}/` prefix is ignored for matching). Several routes may match one message:
     /// each runs, in the order registered, one message at a time. The message is acknowledged
     /// to the broker after the handlers return. Routing does not subscribe.
+    ///
+    /// A handler that panics is logged and the next one runs; the message counts as handled.
+    /// A handler that must have the message again on failure keeps an [`crate::AckHandle`]
+    /// and decides itself.
     pub fn route<H, F>(&self, filter: &str, handler: H)
     where
         H: Fn(Message) -> F + Send + Sync + 'static,

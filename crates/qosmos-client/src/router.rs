@@ -112,7 +112,11 @@ pub(crate) async fn dispatch(mut rx: mpsc::Receiver<Message>, routes: SharedRout
             r.targets(&msg.topic)
         };
         for h in handlers {
-            h(msg.clone()).await;
+            // Each handler runs as its own task so that a panic is caught, not the end of all
+            // delivery. The message then counts as handled (it is acknowledged).
+            if let Err(e) = tokio::spawn(h(msg.clone())).await {
+                tracing::error!(topic = %msg.topic, error = %e, "a message handler failed");
+            }
         }
         let mut closed = false;
         for tap in &taps {

@@ -517,3 +517,22 @@ async fn a_stalled_message_survives_a_reconnect() {
     got.sort();
     assert_eq!(got, ["m1", "m2", "m3"], "each message handled exactly once");
 }
+
+/// A panicking handler does not stop delivery.
+#[tokio::test]
+async fn a_panicking_handler_does_not_stop_delivery() {
+    let fake = FakeBroker::bind().await;
+    let client = Client::connect(opts(fake.port, ProtocolVersion::V311))
+        .await
+        .unwrap();
+    client.route("boom", |_m| async move { panic!("handler bug") });
+    let mut messages = client.messages();
+    let mut peer = fake.accept(ProtocolVersion::V311).await;
+    peer.handshake(false).await;
+    peer.send(Packet::Publish(Publish::new("boom", "1"))).await;
+    peer.send(Packet::Publish(Publish::new("fine", "2"))).await;
+    let first = within("first", messages.recv()).await.unwrap();
+    assert_eq!(first.topic, "boom");
+    let second = within("second", messages.recv()).await.unwrap();
+    assert_eq!(second.topic, "fine");
+}
