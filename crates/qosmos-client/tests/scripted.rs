@@ -536,3 +536,78 @@ async fn a_panicking_handler_does_not_stop_delivery() {
     let second = within("second", messages.recv()).await.unwrap();
     assert_eq!(second.topic, "fine");
 }
+
+/// Unsubscribing by filter removes it from the registry: a later restore leaves it out; made
+/// offline, the broker is told on the next resumed session.
+#[tokio::test]
+async fn unsubscribe_removes_from_the_registry() {
+    use qosmos_mqtt::UnsubAck;
+    let fake = FakeBroker::bind().await;
+    let client = Client::connect(
+        opts(fake.port, ProtocolVersion::V5)
+            .clean_start(false)
+            .session_expiry(60),
+    )
+    .await
+    .unwrap();
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(false).await;
+    for filter in ["a/#", "b/#", "c/#"] {
+        let c = client.clone();
+        let sub = tokio::spawn(async move { c.subscribe(filter, QoS::AtLeastOnce).await });
+        let Packet::Subscribe(s) = peer.recv_no_ping().await else {
+            panic!("expected SUBSCRIBE")
+        };
+        peer.send(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes: vec![ReasonCode::GRANTED_QOS_1],
+            properties: Default::default(),
+        }))
+        .await;
+        within("suback", sub).await.unwrap().unwrap();
+    }
+    let c = client.clone();
+    let unsub = tokio::spawn(async move { c.unsubscribe("a/#").await });
+    let Packet::Unsubscribe(u) = peer.recv_no_ping().await else {
+        panic!("expected UNSUBSCRIBE")
+    };
+    assert_eq!(u.filters, ["a/#"]);
+    peer.send(Packet::UnsubAck(UnsubAck {
+        packet_id: u.packet_id,
+        reason_codes: vec![ReasonCode::SUCCESS],
+        properties: Default::default(),
+    }))
+    .await;
+    within("unsuback", unsub).await.unwrap().unwrap();
+
+    // Offline unsubscribe: sent when the session resumes.
+    let mut events = client.events();
+    drop(peer);
+    wait_event(&mut events, "disconnected", |e| {
+        matches!(e, ClientEvent::Disconnected { .. })
+    })
+    .await;
+    within("offline unsubscribe", client.unsubscribe("b/#"))
+        .await
+        .unwrap();
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(true).await;
+    let Packet::Unsubscribe(u) = peer.recv_no_ping().await else {
+        panic!("expected UNSUBSCRIBE on the resumed session")
+    };
+    assert_eq!(u.filters, ["b/#"]);
+    drop(peer);
+
+    // Session lost: only what is left is restored.
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(false).await;
+    let Packet::Subscribe(s) = peer.recv_no_ping().await else {
+        panic!("expected SUBSCRIBE")
+    };
+    let filters: Vec<_> = s
+        .subscriptions
+        .iter()
+        .map(|s| s.filter.to_string())
+        .collect();
+    assert_eq!(filters, ["c/#"]);
+}
