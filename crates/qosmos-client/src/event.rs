@@ -55,8 +55,9 @@ pub enum ClientEvent {
         filter: String,
         /// The SUBACK reason code.
         reason: ReasonCode,
-        /// True when it was sent to restore a lost session (the registry keeps it and tries
-        /// again at the next restore); false for a direct call (which gets the error).
+        /// True when it was sent to restore a lost session. The registry keeps a refused
+        /// restore and tries again at the next one, unless a subscribe call was still waiting
+        /// for it: that caller gets the error and the filter is dropped.
         restored: bool,
     },
     /// A message published earlier may reach subscribers twice: it was sent on a session the

@@ -772,6 +772,11 @@ impl Task {
                 .copied()
                 .unwrap_or(ReasonCode::UNSPECIFIED_ERROR);
             let result = SubscribeOutcome::from_suback(options.qos, code);
+            // A caller still waits for this exact subscription: a refusal goes to them.
+            let awaited = self
+                .sub_waiters
+                .get(&filter)
+                .is_some_and(|ws| ws.iter().any(|(o, _)| *o == options));
             self.registry.confirm(&filter, &options, result);
             let stats = &self.shared.stats;
             match result {
@@ -800,7 +805,7 @@ impl Task {
                 Err(reason) => {
                     StatsCell::add(&stats.subscribe_refusals, 1);
                     tracing::warn!(%filter, %reason, restored, "the broker refused a subscription");
-                    if !restored {
+                    if !restored || awaited {
                         self.registry.forget_if(&filter, &options);
                     }
                     self.shared.emit(ClientEvent::SubscribeRefused {
