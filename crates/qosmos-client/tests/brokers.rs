@@ -82,6 +82,7 @@ async fn seed_scenario(mut broker: impl TestBroker, version: ProtocolVersion) {
         subs[0].state,
         SubscriptionState::Granted(SubscribeOutcome::Granted(QoS::ExactlyOnce))
     );
+    drop(msg); // handled: acknowledged, so the shutdowns below need not wait
     publisher.disconnect().await;
     client.disconnect().await;
 }
@@ -148,6 +149,7 @@ async fn subscribe_before_the_broker_is_up(mut broker: impl TestBroker) {
         (msg.topic.as_str(), msg.qos),
         ("orders/7", QoS::ExactlyOnce)
     );
+    drop(msg); // handled: acknowledged, so the shutdowns below need not wait
     client.disconnect().await;
     publisher.disconnect().await;
 }
@@ -220,6 +222,7 @@ async fn no_resubscribe_with_session(mut broker: impl TestBroker, version: Proto
         "no SUBSCRIBE on a resumed session"
     );
     assert_eq!(stats.subscriptions_restored, 0);
+    drop(msg); // handled: acknowledged, so the shutdowns below need not wait
     publisher.disconnect().await;
     client.disconnect().await;
 }
