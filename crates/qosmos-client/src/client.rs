@@ -51,7 +51,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// Only with fail fast: [`ClientError::Connect`] or [`ClientError::ConnectRefused`].
+    /// With fail fast: [`ClientError::Connect`] or [`ClientError::ConnectRefused`]; with a
+    /// durable outbox that cannot be opened, [`ClientError::Outbox`].
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(opts.command_capacity);
         let (deliver_tx, deliver_rx) = mpsc::channel(opts.delivery_capacity);
@@ -72,7 +73,14 @@ impl Client {
             tap_capacity: opts.delivery_capacity,
         };
         let fail_fast = opts.fail_fast;
-        let (task, inbox) = Task::new(opts, cmd_rx, deliver_tx, shared);
+        let outbox = match &opts.outbox {
+            Some(path) => Some(
+                crate::outbox::Outbox::open(path)
+                    .map_err(|e| ClientError::Outbox(format!("{}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let (task, inbox) = Task::new(opts, cmd_rx, deliver_tx, shared, outbox);
         tokio::spawn(router::dispatch(deliver_rx, routes));
         if fail_fast {
             let (tx, rx) = oneshot::channel();

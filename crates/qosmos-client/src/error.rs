@@ -71,7 +71,12 @@ pub enum ClientError {
     /// unsubscribed before it could be sent).
     #[error("cancelled before the broker answered")]
     Cancelled,
-    /// The client was shut down (or its task ended): the operation cannot complete.
+    /// The durable outbox could not be read or written: the message was not accepted.
+    #[error("durable outbox: {0}")]
+    Outbox(String),
+    /// The client was shut down (or its task ended): the operation cannot complete. With a
+    /// durable outbox, a QoS 1 / 2 message that fails with this is still in the outbox and is
+    /// sent by the next client started on it.
     #[error("the client is shut down")]
     Closed,
     /// The message cannot be encoded (too large for the broker's Maximum Packet Size, …).

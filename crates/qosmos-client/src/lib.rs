@@ -21,8 +21,10 @@
 //! # What it does not do
 //!
 //! No TLS or WebSocket (`mqtts://`, `ws://`) yet, no enhanced authentication (AUTH), no topic
-//! aliases of its own, no durable outbox: the offline queue lives in memory, so messages not
-//! yet acknowledged are lost if the process dies (their publishers were not told "done").
+//! aliases of its own. The offline queue lives in memory unless
+//! [`ClientOptions::durable_outbox`] is set; without it, messages not yet acknowledged are lost
+//! if the process dies (their publishers were not told "done"). With it, they are sent again
+//! by the next client on the same file, at least once (not exactly once) across the restart.
 //!
 //! # Coming from Flask-MQTT
 //!
@@ -58,6 +60,7 @@ mod error;
 mod event;
 mod message;
 mod options;
+mod outbox;
 mod registry;
 mod router;
 mod task;

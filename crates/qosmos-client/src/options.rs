@@ -4,6 +4,7 @@ use crate::backoff::Backoff;
 use crate::error::OptionsError;
 use bytes::Bytes;
 use qosmos_mqtt::{LastWill, Properties, ProtocolVersion, QoS};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The will message: published by the broker if the connection ends without DISCONNECT.
@@ -93,6 +94,7 @@ pub struct ClientOptions {
     pub(crate) command_capacity: usize,
     pub(crate) delivery_capacity: usize,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) outbox: Option<PathBuf>,
 }
 
 impl ClientOptions {
@@ -120,6 +122,7 @@ impl ClientOptions {
             command_capacity: 64,
             delivery_capacity: 64,
             shutdown_timeout: Duration::from_secs(10),
+            outbox: None,
         }
     }
 
@@ -295,6 +298,16 @@ impl ClientOptions {
     /// How long [`crate::Client::disconnect`] waits for inflight acknowledgements.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Keeps QoS 1 and 2 messages in a file until the broker acknowledges them: `publish`
+    /// accepts a message only once it is on disk, and a client started later on the same file
+    /// sends again whatever was never acknowledged (at least once: a message the broker had but
+    /// had not acknowledged may be sent twice). One client per file. Writes are synchronous
+    /// (an fsync per message), so this bounds the publish rate by the disk.
+    pub fn durable_outbox(mut self, path: impl Into<PathBuf>) -> Self {
+        self.outbox = Some(path.into());
         self
     }
 

@@ -11,6 +11,7 @@ use crate::error::ClientError;
 use crate::event::{ClientEvent, StatsCell};
 use crate::message::{AckRequest, Message};
 use crate::options::ClientOptions;
+use crate::outbox::Outbox;
 use crate::registry::{Registry, SubscribeOptions, SubscribeOutcome, SubscriptionInfo};
 use bytes::BytesMut;
 use qosmos_mqtt::state::{
@@ -146,6 +147,9 @@ pub(crate) struct Task {
     /// A message the handlers had no room for: reading stops until it is handed over. It is
     /// kept across a reconnection (dropping it would acknowledge a message nobody handled).
     stalled: Option<Message>,
+    /// The durable outbox, and the outbox id of each message in it.
+    outbox: Option<Outbox>,
+    outbox_ids: HashMap<Ticket, u64>,
     /// The highest QoS the broker accepts from us (5.0 Maximum QoS).
     server_max_qos: QoS,
     /// QoS 1 and 2 messages handed to the application and not acknowledged yet.
@@ -159,11 +163,16 @@ impl Task {
         cmd_rx: mpsc::Receiver<Command>,
         deliver_tx: mpsc::Sender<Message>,
         shared: Arc<Shared>,
+        outbox: Option<(Outbox, Vec<(u64, Publish)>)>,
     ) -> (Task, Inbox) {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let outgoing = Outgoing::new(
+        let (outbox, replay) = match outbox {
+            Some((o, replay)) => (Some(o), replay),
+            None => (None, Vec::new()),
+        };
+        let mut outgoing = Outgoing::new(
             OutgoingConfig::default()
-                .max_pending(opts.offline_queue)
+                .max_pending(opts.offline_queue.saturating_add(replay.len()))
                 .max_pending_bytes(opts.offline_queue_bytes)
                 .session_loss(SessionLoss::Requeue),
         );
@@ -178,7 +187,26 @@ impl Task {
                 .receive_maximum(receive_maximum)
                 .ack_mode(AckMode::Manual),
         );
+        let mut outbox_ids = HashMap::new();
+        let replayed = replay.len();
+        for (id, msg) in replay {
+            match outgoing.publish(msg) {
+                Ok(ticket) => {
+                    outbox_ids.insert(ticket, id);
+                }
+                Err(e) => tracing::error!(error = %e, "outbox: cannot queue a stored message"),
+            }
+        }
+        if replayed > 0 {
+            StatsCell::add(&shared.stats.republished, replayed as u64);
+            tracing::warn!(
+                count = replayed,
+                "outbox: resending messages a previous client never had acknowledged"
+            );
+        }
         let task = Task {
+            outbox,
+            outbox_ids,
             backoff: opts.backoff.clone(),
             opts,
             ack_tx,
@@ -446,6 +474,7 @@ impl Task {
             match orphan {
                 Orphan::Requeued { .. } => republished += 1,
                 Orphan::Released { ticket, .. } => {
+                    self.outbox_done(ticket);
                     // The broker took it (PUBREC) before losing the session.
                     self.resolve_ok(ticket, QoS::ExactlyOnce, ReasonCode::SUCCESS);
                 }
@@ -739,7 +768,16 @@ impl Task {
         }
     }
 
+    fn outbox_done(&mut self, ticket: Ticket) {
+        if let (Some(outbox), Some(id)) = (self.outbox.as_mut(), self.outbox_ids.remove(&ticket)) {
+            if let Err(e) = outbox.done(id) {
+                tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot mark a message done");
+            }
+        }
+    }
+
     fn complete(&mut self, done: Completed) {
+        self.outbox_done(done.ticket);
         if done.accepted {
             StatsCell::add(&self.shared.stats.publish_acked, 1);
             self.resolve_ok(done.ticket, done.qos, done.reason_code);
@@ -1030,7 +1068,32 @@ impl Task {
                 (msg.payload.as_ptr() as usize, msg.payload.len()),
             )
         });
-        match self.outgoing.publish(msg) {
+        let mut stored = None;
+        if msg.qos != QoS::AtMostOnce {
+            if let Some(outbox) = self.outbox.as_mut() {
+                match outbox.append(&msg) {
+                    Ok(id) => stored = Some(id),
+                    Err(e) => {
+                        tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot store a message");
+                        let _ = reply.send(Err(ClientError::Outbox(e.to_string())));
+                        return;
+                    }
+                }
+            }
+        }
+        let result = self.outgoing.publish(msg);
+        if let (Some(outbox), Some(id)) = (self.outbox.as_mut(), stored) {
+            match &result {
+                Ok(ticket) => {
+                    self.outbox_ids.insert(*ticket, id);
+                }
+                Err(_) => {
+                    // Not accepted after all: take it out again.
+                    let _ = outbox.done(id);
+                }
+            }
+        }
+        match result {
             Ok(ticket) => {
                 StatsCell::add(&self.shared.stats.published, 1);
                 if let Some((topic, payload)) = qos0 {

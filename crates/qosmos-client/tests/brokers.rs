@@ -480,3 +480,85 @@ async fn mosquitto_shared_subscription_across_instances() {
 async fn qosmos_shared_subscription_across_instances() {
     shared_subscription_across_instances(QosmosBroker::new()).await;
 }
+
+/// The durable outbox: a message accepted while the broker is down, by a client that then goes
+/// away, is delivered by the next client started on the same outbox file.
+async fn outbox_survives_the_client(mut broker: impl TestBroker) {
+    let dir = std::env::temp_dir().join(format!(
+        "qosmos-client-outbox-{}-{}",
+        std::process::id(),
+        broker.port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("outbox.log");
+
+    let first = Client::connect(
+        opts(broker.port(), ProtocolVersion::V5)
+            .durable_outbox(&path)
+            .shutdown_timeout(std::time::Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    let mut publish = Box::pin(first.publish_to("orders/9", QoS::ExactlyOnce, "kept"));
+    tokio::select! {
+        biased;
+        r = &mut publish => panic!("resolved with no broker: {r:?}"),
+        _ = std::future::ready(()) => {}
+    }
+    first.subscriptions().await.unwrap(); // the publish is on disk by now
+    first.disconnect().await;
+    assert_eq!(
+        within("publish fails", publish).await,
+        Err(ClientError::Closed)
+    );
+
+    broker.start().await;
+    let subscriber = Client::connect(opts(broker.port(), ProtocolVersion::V5).fail_fast(true))
+        .await
+        .unwrap();
+    let mut messages = subscriber.messages();
+    within(
+        "subscribe",
+        subscriber.subscribe("orders/+", QoS::ExactlyOnce),
+    )
+    .await
+    .unwrap();
+    let second = Client::connect(
+        opts(broker.port(), ProtocolVersion::V5)
+            .durable_outbox(&path)
+            .fail_fast(true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.stats().republished, 1);
+    let msg = within("the stored message", messages.recv()).await.unwrap();
+    assert_eq!(
+        (msg.topic.as_str(), &msg.payload[..]),
+        ("orders/9", &b"kept"[..])
+    );
+    assert_eq!(msg.qos, QoS::ExactlyOnce);
+    drop(msg);
+    second.disconnect().await; // waits for PUBCOMP: the outbox is then empty
+    subscriber.disconnect().await;
+
+    let third = Client::connect(opts(broker.port(), ProtocolVersion::V5).durable_outbox(&path))
+        .await
+        .unwrap();
+    assert_eq!(
+        third.stats().republished,
+        0,
+        "acknowledged messages are not sent again"
+    );
+    third.disconnect().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn mosquitto_outbox_survives_the_client() {
+    outbox_survives_the_client(Mosquitto::new("")).await;
+}
+
+#[tokio::test]
+async fn qosmos_outbox_survives_the_client() {
+    outbox_survives_the_client(QosmosBroker::new()).await;
+}
