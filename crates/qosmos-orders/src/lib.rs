@@ -1,1 +1,4 @@
-//! `qosmos-orders`: placeholder, see ARCHITECTURE.md.
+//! `qosmos-orders`: the order-dispatch service (work in progress).
+pub mod id;
+pub mod model;
+pub mod time;
