@@ -668,3 +668,71 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn durability_settings_apply_to_every_connection() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        // Hold several connections at once so that not only the first is checked.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(store.pool.acquire().await.expect("acquire"));
+        }
+        for conn in &mut conns {
+            let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("journal_mode");
+            assert_eq!(mode, "wal");
+            let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("synchronous");
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let (timeout,): (i64,) = sqlx::query_as("PRAGMA busy_timeout")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("busy_timeout");
+            assert_eq!(timeout, 5000);
+            let (fk,): (i64,) = sqlx::query_as("PRAGMA foreign_keys")
+                .fetch_one(&mut **conn)
+                .await
+                .expect("foreign_keys");
+            assert_eq!(fk, 1);
+        }
+        drop(conns);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("o.db");
+        let store = OrderStore::open(&path).await.expect("first open");
+        store.close().await;
+        let store = OrderStore::open(&path).await.expect("second open");
+        let applied: Vec<(i64,)> = sqlx::query_as("SELECT version FROM schema_migrations")
+            .fetch_all(&store.pool)
+            .await
+            .expect("versions");
+        assert_eq!(applied, vec![(1,)]);
+        sqlx::query("INSERT INTO schema_migrations VALUES (99, 'future', 0)")
+            .execute(&store.pool)
+            .await
+            .expect("insert");
+        store.close().await;
+        match OrderStore::open(&path).await {
+            Err(StoreError::SchemaTooNew {
+                found: 99,
+                known: 1,
+            }) => {}
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    }
+}

@@ -149,6 +149,14 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
             rest = rest.get(size + 2..).ok_or_else(|| bad("short chunk"))?;
         }
         body = decoded;
+    } else if let Some(len) = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
+        if body.len() < len {
+            return Err(bad("truncated body"));
+        }
     }
     Ok(Resp {
         status,
@@ -952,10 +960,15 @@ async fn orders_acknowledged_with_201_survive_sigkill() {
                             acknowledged.lock().expect("lock").push(id);
                             count.fetch_add(1, Ordering::SeqCst);
                         }
+                        // A whole answer that is not 201 is a bug, killed or not.
+                        Ok(r) => {
+                            return Some((r.status, String::from_utf8_lossy(&r.body).into_owned()));
+                        }
                         // Connection refused or reset, a truncated answer: the child is gone.
-                        Ok(_) | Err(_) => return,
+                        Err(_) => return None,
                     }
                 }
+                None
             })
         })
         .collect();
@@ -971,7 +984,7 @@ async fn orders_acknowledged_with_201_survive_sigkill() {
     let status = child.0.wait().expect("wait");
     assert!(!status.success(), "the child was killed, not stopped");
     for p in posters {
-        p.await.expect("poster");
+        assert_eq!(p.await.expect("poster"), None, "an answer other than 201");
     }
     let acknowledged = acknowledged.lock().expect("lock").clone();
     assert!(acknowledged.len() >= 60);
