@@ -4,6 +4,10 @@
 //! fault: `400` for a body that is not JSON or a bad query parameter or header, `422`
 //! for JSON that is not a valid order (or an `Idempotency-Key` reused with another
 //! body), `413` for a body over [`MAX_BODY_BYTES`], `404` for an unknown order.
+//!
+//! `POST /api/orders` reads the body as JSON whatever its `Content-Type` says. Query
+//! parameters are strict too: an unknown or repeated parameter is a `400`; an empty
+//! value (`?store_id=`) means no filter.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -261,9 +261,10 @@ impl OrderStore {
     ///
     /// With `key`, the first request stores the order and records the key with a
     /// fingerprint of the body; a later request with the same key and the same content
-    /// returns that order (`fresh: false`) and stores nothing; with different content it
-    /// fails with [`CreateError::KeyReused`]. Concurrent requests with one key are
-    /// serialised by the write lock, so exactly one of them stores an order.
+    /// returns that order with its current status (`fresh: false`) and stores nothing;
+    /// with different content it fails with [`CreateError::KeyReused`]. Concurrent
+    /// requests with one key are serialised by the write lock, so exactly one of them
+    /// stores an order.
     pub async fn create(
         &self,
         new: &NewOrder,
