@@ -1,0 +1,72 @@
+//! The seams where MQTT plugs in: who publishes new orders, and who knows the stores.
+//!
+//! The service itself does not speak MQTT. A dispatcher built on `qosmos-client`
+//! implements [`Dispatcher`] (publish at QoS 2, then [`OrderStore::mark_dispatched`] on
+//! PUBCOMP), and the same component, seeing the broker's sessions, implements
+//! [`StoreDirectory`].
+//!
+//! [`OrderStore::mark_dispatched`]: crate::store::OrderStore::mark_dispatched
+
+use serde::Serialize;
+
+use crate::id::OrderId;
+use crate::model::StoreId;
+
+/// Told about each new order once it is committed, so it can publish at once instead of
+/// waiting for its next scan of [`OrderStore::due_for_dispatch`].
+///
+/// The call is a hint: it must not block (hand the id to a task through a channel),
+/// and losing it loses nothing, since the order is already stored as `received`.
+///
+/// [`OrderStore::due_for_dispatch`]: crate::store::OrderStore::due_for_dispatch
+pub trait Dispatcher: Send + Sync + 'static {
+    /// A new order was stored.
+    fn notify_new_order(&self, id: &OrderId);
+}
+
+/// A [`Dispatcher`] that does nothing: orders stay `received`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDispatcher;
+
+impl Dispatcher for NoDispatcher {
+    fn notify_new_order(&self, _id: &OrderId) {}
+}
+
+/// A subscription as the broker granted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Subscription {
+    /// The topic filter.
+    pub topic: String,
+    /// The QoS the broker granted (0, 1 or 2), not the one asked for.
+    pub qos: u8,
+}
+
+/// What is known about one store's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorePresence {
+    /// The store.
+    pub store_id: StoreId,
+    /// Whether its agent is connected now.
+    pub online: bool,
+    /// Its subscriptions with granted QoS.
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// Knows which stores are connected and what they subscribed to, for `GET /api/stores`.
+///
+/// Pending counts come from the order store; a store with pending orders but no
+/// presence is listed as offline with no subscriptions.
+pub trait StoreDirectory: Send + Sync + 'static {
+    /// Every store the directory knows of.
+    fn stores(&self) -> Vec<StorePresence>;
+}
+
+/// A [`StoreDirectory`] that knows no store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDirectory;
+
+impl StoreDirectory for NoDirectory {
+    fn stores(&self) -> Vec<StorePresence> {
+        Vec::new()
+    }
+}
