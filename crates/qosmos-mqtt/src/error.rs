@@ -38,9 +38,13 @@ pub enum DecodeError {
         /// The flags received.
         flags: u8,
     },
-    /// The first packet on a connection was not CONNECT, or a second CONNECT arrived.
+    /// The first packet on a connection was not CONNECT.
     #[error("expected CONNECT as the first packet, got {0}")]
     ExpectedConnect(PacketType),
+    /// A second CONNECT on a connection [MQTT-3.1.0-2] (or a server-side decoder given a version
+    /// up front: a server passes `None` and learns the version from CONNECT).
+    #[error("a second CONNECT on the same connection")]
+    SecondConnect,
     /// A packet that only the other side may send (e.g. a CONNACK sent to a server).
     #[error("{0} is not sent in this direction")]
     WrongDirection(PacketType),
@@ -133,6 +137,7 @@ impl DecodeError {
             PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             UnsupportedProtocolVersion(_) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
             ExpectedConnect(_)
+            | SecondConnect
             | WrongDirection(_)
             | ZeroPacketId(_)
             | NoTopicFilters(_)

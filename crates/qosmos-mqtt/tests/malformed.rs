@@ -179,11 +179,7 @@ fn first_packet_must_be_connect() {
 #[test]
 fn second_connect_is_a_protocol_error() {
     let c = pkt(0x10, &connect_body(5, 2, &[0], &[]));
-    assert_err(
-        to_server(V5, &c),
-        DecodeError::ExpectedConnect(PacketType::Connect),
-        PROTOCOL,
-    );
+    assert_err(to_server(V5, &c), DecodeError::SecondConnect, PROTOCOL);
 }
 
 #[test]

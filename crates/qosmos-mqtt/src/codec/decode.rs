@@ -109,7 +109,7 @@ impl Decoder {
                 }
                 if packet_type == PacketType::Connect && self.role == Role::Server {
                     // [MQTT-3.1.0-2]: a second CONNECT is a protocol error.
-                    return Err(DecodeError::ExpectedConnect(packet_type));
+                    return Err(DecodeError::SecondConnect);
                 }
             }
         }
