@@ -145,6 +145,9 @@ pub(crate) async fn run(args: SubArgs) -> Result<(), CliError> {
                 Ok(ClientEvent::Downgraded { filter, requested, granted, restored }) => {
                     warn_downgrade(&filter, requested, granted, restored);
                 }
+                Ok(ClientEvent::Subscribed { filter, outcome, restored: true }) => {
+                    tracing::info!(%filter, granted = %outcome.granted(), "subscription restored");
+                }
                 Ok(ClientEvent::SubscribeRefused { filter, reason, .. }) => {
                     break Err(CliError::runtime(format!(
                         "{broker} refused the subscription to {filter:?}: {reason}"
