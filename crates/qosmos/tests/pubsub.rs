@@ -40,6 +40,31 @@ impl QosmosBroker {
     fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
+
+    /// Kills it (in memory only: every session gone) and starts it again on the same port.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let start = Instant::now();
+        loop {
+            self.child = qosmos()
+                .args(["broker", "--mqtt", &format!("127.0.0.1:{}", self.port)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn qosmos broker");
+            if wait_for_port(self.port, Duration::from_secs(5)) {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            assert!(
+                start.elapsed() < DEADLINE,
+                "qosmos broker did not come back"
+            );
+        }
+    }
 }
 
 impl Drop for QosmosBroker {
@@ -406,41 +431,88 @@ fn downgrade_is_warned_and_messages_still_arrive() {
 /// The seed's scenario: subscribed at QoS 2, the broker (no persistence) is killed and comes
 /// back on the same port; sub restores its subscription at QoS 2 by itself, and the next QoS 2
 /// message arrives as QoS 2.
+fn seed_scenario(url: &str, protocol: &str, restart: &mut dyn FnMut()) {
+    let mut sub = Sub::start(&[
+        "--broker",
+        url,
+        "-t",
+        "TEST",
+        "-q",
+        "2",
+        "--protocol",
+        protocol,
+    ]);
+    sub.wait_stderr("subscribed");
+    publish(url, "TEST", "2", "before", protocol);
+    assert_eq!(
+        sub.next_line(),
+        r#"{"topic":"TEST","qos":2,"retain":false,"payload":"before"}"#
+    );
+    restart();
+    sub.wait_stderr("subscription restored");
+    publish(url, "TEST", "2", "after", protocol);
+    assert_eq!(
+        sub.next_line(),
+        r#"{"topic":"TEST","qos":2,"retain":false,"payload":"after"}"#
+    );
+    assert!(sub.terminate().success(), "{protocol}: {:?}", sub.stderr);
+    assert!(
+        !sub.stderr.iter().any(|l| l.contains("warning:")),
+        "{:?}",
+        sub.stderr
+    );
+}
+
 #[test]
-fn seed_scenario_broker_restart_keeps_qos_2() {
+fn seed_scenario_mosquitto_restart_keeps_qos_2() {
     let Some(mut m) = Mosquitto::start("pubsub-seed") else {
         return;
     };
+    let url = m.url();
     for protocol in ["3.1.1", "5"] {
-        let mut sub = Sub::start(&[
+        seed_scenario(&url, protocol, &mut || m.restart());
+    }
+}
+
+#[test]
+fn seed_scenario_our_broker_restart_keeps_qos_2() {
+    let mut b = QosmosBroker::start();
+    let url = b.url();
+    for protocol in ["3.1.1", "5"] {
+        seed_scenario(&url, protocol, &mut || b.restart());
+    }
+}
+
+/// Mosquitto refusing a publish (ACL, MQTT 5 PUBACK 0x87): exit 1, one line naming the code.
+#[test]
+fn refused_publish_exits_1_naming_the_reason_code() {
+    let dir = support::temp_dir("pubsub-acl");
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "topic read #\n").expect("write acl");
+    let Some(m) =
+        Mosquitto::start_with("pubsub-acl-broker", &format!("acl_file {}", acl.display()))
+    else {
+        return;
+    };
+    for qos in ["1", "2"] {
+        let mut cmd = qosmos();
+        cmd.args([
+            "pub",
             "--broker",
             &m.url(),
             "-t",
-            "TEST",
+            "denied",
             "-q",
-            "2",
-            "--protocol",
-            protocol,
+            qos,
+            "-m",
+            "x",
         ]);
-        sub.wait_stderr("subscribed");
-        publish(&m.url(), "TEST", "2", "before", protocol);
-        assert_eq!(
-            sub.next_line(),
-            r#"{"topic":"TEST","qos":2,"retain":false,"payload":"before"}"#
-        );
-        m.restart();
-        sub.wait_stderr("subscription restored");
-        publish(&m.url(), "TEST", "2", "after", protocol);
-        assert_eq!(
-            sub.next_line(),
-            r#"{"topic":"TEST","qos":2,"retain":false,"payload":"after"}"#
-        );
-        assert!(sub.terminate().success(), "{protocol}: {:?}", sub.stderr);
-        assert!(
-            !sub.stderr.iter().any(|l| l.contains("warning:")),
-            "{:?}",
-            sub.stderr
-        );
+        let out = run_with_deadline(cmd, DEADLINE);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+        let err = stderr_of(&out);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with("qosmos: "), "{err}");
+        assert!(last.contains("Not authorized (0x87)"), "{err}");
     }
 }
 
@@ -491,6 +563,24 @@ fn no_clean_receives_messages_published_while_stopped() {
             "{:?}",
             second.stderr
         );
+        // `--count 1` with two messages waiting: the one not printed is not acknowledged, so
+        // the session still has it for the next run.
+        publish(&m.url(), "store/1", "2", "third", protocol);
+        publish(&m.url(), "store/1", "2", "fourth", protocol);
+        let mut once: Vec<&str> = args.to_vec();
+        once.extend(["--count", "1"]);
+        let mut third = Sub::start(&once);
+        assert_eq!(
+            third.next_line(),
+            r#"{"topic":"store/1","qos":2,"retain":false,"payload":"third"}"#
+        );
+        assert!(third.wait().success(), "{:?}", third.stderr);
+        let mut fourth = Sub::start(&once);
+        assert_eq!(
+            fourth.next_line(),
+            r#"{"topic":"store/1","qos":2,"retain":false,"payload":"fourth"}"#
+        );
+        assert!(fourth.wait().success(), "{:?}", fourth.stderr);
     }
 }
 
