@@ -23,11 +23,12 @@
 //! | qosmos-broker | 1   | 291,832/s  3.0 us   | 259,101/s  3.0 us   | 1.13  |
 //! | qosmos-broker | 2   | 300,368/s  2.5 us   | 215,196/s  3.5 us   | 1.40  |
 //!
-//! Runs on this shared machine vary by up to 2x from one round to the next; across four full
-//! runs the Mosquitto ratios ranged 0.91 to 1.28 (QoS 1) and 0.84 to 1.12 (QoS 2). Two things
-//! matter a lot: without the connection task taking up to 64 waiting commands per turn (one
-//! write for many PUBLISHes) ours was at 0.69 to 0.73 against our broker; and spawning one task
-//! per publish (`JoinSet`) instead of polling the futures in place cost ours 30 to 50 %.
+//! Runs on this shared machine vary by up to 2x from one round to the next. Another full run
+//! of this same code gave ratios 1.02 and 1.00 (Mosquitto, QoS 1 and 2) and 1.81 and 1.65
+//! (qosmos-broker). Two things matter a lot: without the connection task taking up to 64
+//! waiting commands per turn (one write for many PUBLISHes) ours was at 0.94 / 1.06 on
+//! Mosquitto and 0.73 / 0.69 on our broker; and spawning one task per publish (`JoinSet`)
+//! instead of polling the futures in place cost ours a third to two thirds of its rate.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -237,8 +238,10 @@ fn start_our_broker() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
             .build()
             .expect("broker runtime");
         rt.block_on(async move {
-            let mut config = qosmos_broker::Config::default();
-            config.mqtt_addr = "127.0.0.1:0".parse().expect("addr");
+            let config = qosmos_broker::Config {
+                mqtt_addr: ([127, 0, 0, 1], 0).into(),
+                ..Default::default()
+            };
             let broker = qosmos_broker::Broker::bind(config).await.expect("bind");
             addr_tx.send(broker.mqtt_addr()).expect("send addr");
             let _ = broker
