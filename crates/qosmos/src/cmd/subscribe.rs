@@ -177,6 +177,10 @@ pub(crate) async fn run(args: SubArgs) -> Result<(), CliError> {
                     if let Err(e) = written {
                         // Not printed, so held past the disconnect and never acknowledged.
                         unprinted = Some(msg);
+                        // The reader went away (`| head -1`): a stop, not a failure.
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            break Ok(());
+                        }
                         break Err(CliError::runtime(format!("cannot write to stdout: {e}")));
                     }
                     // Dropping the message acknowledges it, now that it is printed.
