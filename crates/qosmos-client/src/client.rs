@@ -54,6 +54,38 @@ impl Client {
     /// With fail fast: [`ClientError::Connect`] or [`ClientError::ConnectRefused`]; with a
     /// durable outbox that cannot be opened, [`ClientError::Outbox`].
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
+        Client::connect_with(opts, |_| ())
+            .await
+            .map(|(client, ())| client)
+    }
+
+    /// [`Client::connect`], running `setup` on the handle before the connection task starts:
+    /// routes, a fallback, [`Client::messages`] receivers and [`Client::events`] registered
+    /// there see every message and event from the first CONNACK on.
+    ///
+    /// Registered after [`Client::connect`] returns, they race with the broker: a resumed
+    /// session's queued messages can arrive first, find no handler, and be acknowledged
+    /// unseen.
+    ///
+    /// ```no_run
+    /// use qosmos_client::{Client, ClientOptions};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let opts = ClientOptions::from_url("mqtt://localhost")?.client_id("s-1").clean_start(false);
+    /// let (client, mut messages) = Client::connect_with(opts, |c| c.messages()).await?;
+    /// while let Some(msg) = messages.recv().await {
+    ///     println!("{}", msg.topic);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect`].
+    pub async fn connect_with<T>(
+        opts: ClientOptions,
+        setup: impl FnOnce(&Client) -> T,
+    ) -> Result<(Client, T), ClientError> {
         let (cmd_tx, cmd_rx) = mpsc::channel(opts.command_capacity);
         let (deliver_tx, deliver_rx) = mpsc::channel(opts.delivery_capacity);
         let (connected_tx, connected) = watch::channel(false);
@@ -80,6 +112,7 @@ impl Client {
             ),
             None => None,
         };
+        let set_up = setup(&client);
         let (task, inbox) = Task::new(opts, cmd_rx, deliver_tx, shared, outbox);
         tokio::spawn(router::dispatch(deliver_rx, routes));
         if fail_fast {
@@ -89,7 +122,7 @@ impl Client {
         } else {
             tokio::spawn(task.run(inbox, None));
         }
-        Ok(client)
+        Ok((client, set_up))
     }
 
     /// Publishes a message and waits for the broker: PUBACK for QoS 1, PUBCOMP for QoS 2, the

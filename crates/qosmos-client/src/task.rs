@@ -34,6 +34,9 @@ use tokio::time::Instant;
 /// How many bytes are read ahead of the handlers while they are behind.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// The most commands taken from the handles in one turn of the connection loop.
+const COMMAND_BATCH: usize = 64;
+
 /// What the broker said about a message we published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishOutcome {
@@ -560,6 +563,17 @@ impl Task {
                 }
                 cmd = inbox.cmd_rx.recv(), if self.closing.is_none() => {
                     self.handle_command(cmd, Some(conn));
+                    // Take the commands already waiting too, so that one write carries them
+                    // all instead of one system call per small packet.
+                    for _ in 0..COMMAND_BATCH {
+                        if self.closing.is_some() {
+                            break;
+                        }
+                        match inbox.cmd_rx.try_recv() {
+                            Ok(cmd) => self.handle_command(Some(cmd), Some(conn)),
+                            Err(_) => break,
+                        }
+                    }
                 }
                 // While the handlers are behind, read only a little ahead: enough to notice the
                 // connection closing, not enough to buffer without bound.

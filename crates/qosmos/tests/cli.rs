@@ -67,15 +67,6 @@ fn unreadable_config_exits_2_with_one_line() {
     assert!(err.contains("missing.toml"), "{err}");
 }
 
-#[test]
-fn unimplemented_commands_exit_1() {
-    let mut cmd = qosmos();
-    cmd.args(["pub", "-t", "a", "-m", "b"]);
-    let out = run_with_deadline(cmd, DEADLINE);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr_of(&out).contains("not implemented yet"));
-}
-
 /// `bench` names the broker it failed to reach, which shows which source won.
 fn bench_target(config: Option<&str>, env: Option<&str>, flag: Option<&str>) -> String {
     let dir = temp_dir("cli-precedence");

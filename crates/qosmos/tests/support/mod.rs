@@ -106,12 +106,18 @@ pub(crate) struct Mosquitto {
     child: Child,
     /// Its port on 127.0.0.1.
     pub(crate) port: u16,
+    conf: PathBuf,
     _dir: PathBuf,
 }
 
 impl Mosquitto {
     /// Starts Mosquitto, or returns `None` (after saying why) when the binary is missing.
     pub(crate) fn start(name: &str) -> Option<Mosquitto> {
+        Mosquitto::start_with(name, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines appended to its configuration (`max_qos 1`, …).
+    pub(crate) fn start_with(name: &str, extra: &str) -> Option<Mosquitto> {
         let Some(bin) = find_mosquitto() else {
             eprintln!("SKIPPED: no `mosquitto` binary (apt-get install mosquitto); CI installs it");
             return None;
@@ -121,20 +127,16 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}\n"
+            ),
         )
         .expect("write mosquitto.conf");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
+        let child = spawn_mosquitto(&bin, &conf);
         let m = Mosquitto {
             child,
             port,
+            conf,
             _dir: dir,
         };
         assert!(
@@ -142,6 +144,29 @@ impl Mosquitto {
             "mosquitto did not listen on {port}"
         );
         Some(m)
+    }
+
+    /// Kills the broker (SIGKILL: no persistence, every session and message gone) and starts
+    /// it again on the same port.
+    pub(crate) fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let bin = find_mosquitto().expect("mosquitto was found before");
+        // The port is free again once the process is gone; retry while the OS releases it.
+        let start = Instant::now();
+        loop {
+            self.child = spawn_mosquitto(&bin, &self.conf);
+            if wait_for_port(self.port, Duration::from_secs(2)) {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "mosquitto did not listen on {} again",
+                self.port
+            );
+        }
     }
 
     /// Its URL.
@@ -155,6 +180,17 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn_mosquitto(bin: &std::path::Path, conf: &std::path::Path) -> Child {
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mosquitto")
 }
 
 fn find_mosquitto() -> Option<PathBuf> {
