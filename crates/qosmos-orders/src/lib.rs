@@ -46,9 +46,16 @@
 //!   per client.
 //! - `/metrics` and the `/api/broker/*` routes belong to the broker and the binary.
 
+pub mod acks;
+pub mod agent;
+pub mod directory;
 pub mod dispatch;
+pub mod dispatcher;
 pub mod http;
 pub mod id;
+pub mod journal;
+pub mod metrics;
 pub mod model;
+pub mod service;
 pub mod store;
 pub mod time;

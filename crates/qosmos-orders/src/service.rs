@@ -1,0 +1,136 @@
+//! [`Service`]: the dispatcher, the ack consumer and the HTTP state, wired over one MQTT
+//! client. `qosmos serve` is this plus a listener (and, by default, an embedded broker).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qosmos_client::mqtt::{ProtocolVersion, ReasonCode};
+use qosmos_client::{Client, ClientError, ClientOptions};
+
+use crate::acks::{AckConsumer, AckPresence};
+use crate::dispatch::StoreDirectory;
+use crate::dispatcher::{DispatcherConfig, DispatcherTask, MqttDispatcher};
+use crate::http::AppState;
+use crate::id::IdGenerator;
+use crate::metrics::OrderMetrics;
+use crate::store::OrderStore;
+use crate::time::Timestamp;
+
+/// How long a store counts as online after its last ack, when the broker's sessions cannot
+/// be seen (external broker).
+pub const ACK_PRESENCE_WINDOW: Duration = Duration::from_secs(300);
+
+/// A running order service, minus the HTTP listener: serve [`Service::app_state`] with
+/// [`crate::http::router`], and drive the dispatcher with [`Service::run`].
+#[derive(Debug)]
+pub struct Service {
+    client: Client,
+    state: AppState,
+    dispatcher: DispatcherTask,
+}
+
+impl Service {
+    /// Connects to the broker (MQTT 5, falling back to 3.1.1 if the broker refuses 5), starts
+    /// the ack consumer, and prepares the dispatcher.
+    ///
+    /// `directory` answers `GET /api/stores`; `None` derives it from the acks seen
+    /// ([`AckPresence`]), for an external broker whose sessions are not visible.
+    ///
+    /// # Errors
+    ///
+    /// The client's, when the broker refuses the connection or the ack subscription.
+    pub async fn start(
+        store: OrderStore,
+        opts: ClientOptions,
+        mut config: DispatcherConfig,
+        directory: Option<Arc<dyn StoreDirectory>>,
+    ) -> Result<Service, ClientError> {
+        let (client, mqtt5) = connect(opts).await?;
+        config.mqtt5 = mqtt5;
+        let metrics = Arc::new(OrderMetrics::new());
+        let presence = Arc::new(AckPresence::new(ACK_PRESENCE_WINDOW));
+        let acks = AckConsumer::new(store.clone(), metrics.clone(), presence.clone());
+        // The subscription waits for the connection; the service starts meanwhile.
+        let (c, a) = (client.clone(), acks.clone());
+        tokio::spawn(async move {
+            if let Err(e) = a.start(&c, mqtt5).await {
+                tracing::error!(error = %e, "subscribing to the acks failed: orders will not be closed");
+            }
+        });
+        let (dispatcher, task) =
+            MqttDispatcher::new(store.clone(), client.clone(), config, metrics.clone());
+        let directory = directory.unwrap_or(presence);
+        let state = AppState::new(store)
+            .with_dispatcher(Arc::new(dispatcher))
+            .with_directory(directory)
+            .with_metrics(metrics);
+        Ok(Service {
+            client,
+            state,
+            dispatcher: task,
+        })
+    }
+
+    /// The HTTP state: the store, the dispatcher to notify, the directory, the metrics.
+    pub fn app_state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// The MQTT client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Dispatches until `shutdown`, then disconnects the client (waiting briefly for the
+    /// broker to acknowledge what is in flight).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.dispatcher.run(shutdown).await;
+        self.client.disconnect().await;
+    }
+}
+
+/// Connects with MQTT 5 and reports `true`; if the broker refuses 5, with 3.1.1 and `false`.
+/// A broker that cannot be reached yet is retried in the background (with MQTT 5).
+pub(crate) async fn connect(opts: ClientOptions) -> Result<(Client, bool), ClientError> {
+    let v5 = opts.clone().protocol(ProtocolVersion::V5);
+    match Client::connect(v5.clone().fail_fast(true)).await {
+        Ok(c) => Ok((c, true)),
+        Err(ClientError::ConnectRefused(code))
+            if code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION =>
+        {
+            tracing::warn!(
+                "the broker does not speak MQTT 5: using 3.1.1 (no shared ack subscription)"
+            );
+            let c = Client::connect(opts.protocol(ProtocolVersion::V311)).await?;
+            Ok((c, false))
+        }
+        Err(e @ ClientError::ConnectRefused(_)) => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "the broker cannot be reached yet: retrying in the background");
+            Ok((Client::connect(v5.fail_fast(false)).await?, true))
+        }
+    }
+}
+
+/// This instance's MQTT client id, `qosmos-serve-{id}`: kept in `instance-id` under
+/// `data_dir` so a restart resumes its session, different for each data directory so that
+/// several instances can share a broker.
+///
+/// # Errors
+///
+/// When the file cannot be read or written.
+pub fn instance_client_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(format!("qosmos-serve-{}", s.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = IdGenerator::new().next_id(Timestamp::now());
+    let short = id.as_str()[10..].to_ascii_lowercase();
+    std::fs::write(&path, format!("{short}\n"))?;
+    Ok(format!("qosmos-serve-{short}"))
+}
