@@ -101,6 +101,21 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .map_err(|e| CliError::runtime(format!("--http: cannot listen on {}: {e}", args.http)))?;
+    // Every listener is bound before anything is logged, so that a port in use is the one
+    // line on stderr.
+    let broker = match &args.broker {
+        Some(_) => None,
+        None => Some(
+            Broker::bind(Config {
+                mqtt_addr: args.mqtt,
+                http_addr: None,
+                data_dir: Some(data_dir.join("broker")),
+                limits: Default::default(),
+            })
+            .await
+            .map_err(|e| CliError::runtime(format!("--mqtt: {e}")))?,
+        ),
+    };
     let db = data_dir.join("orders.db");
     let store = OrderStore::open(&db)
         .await
@@ -108,21 +123,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
 
     let (broker_stop, broker_stopped) = watch::channel(false);
     let mut broker_task = None;
-    let (opts, broker_handle) = match &args.broker {
-        Some(url) => {
-            tracing::info!(broker = %url, "using an external broker; none embedded");
-            (super::store::client_options(url), None)
-        }
-        None => {
-            let config = Config {
-                mqtt_addr: args.mqtt,
-                http_addr: None,
-                data_dir: Some(data_dir.join("broker")),
-                limits: Default::default(),
-            };
-            let broker = Broker::bind(config)
-                .await
-                .map_err(|e| CliError::runtime(format!("--mqtt: {e}")))?;
+    let (opts, broker_handle) = match (broker, &args.broker) {
+        (Some(broker), _) => {
             let addr = broker.mqtt_addr();
             let handle = broker.handle();
             tracing::info!(mqtt = %addr, "embedded MQTT broker listening");
@@ -135,6 +137,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
             let opts = qosmos_client::ClientOptions::new(host.to_string(), addr.port());
             (opts, Some(handle))
         }
+        (None, Some(url)) => {
+            tracing::info!(broker = %url, "using an external broker; none embedded");
+            (super::store::client_options(url), None)
+        }
+        (None, None) => return Err(CliError::runtime("no broker")),
     };
     let opts = opts
         .client_id(client_id)
