@@ -254,3 +254,42 @@ pub fn order_publish(order: &Order, mqtt5: bool) -> Publish {
     }
     p
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Item, StoreId};
+
+    fn order() -> Order {
+        Order {
+            id: OrderId::from_string("01ARYZ6S41TSV4RRFFQ69G5FAV".into()),
+            store_id: StoreId::parse("s1").expect("valid"),
+            items: vec![Item {
+                sku: "tea".into(),
+                qty: 1,
+            }],
+            note: None,
+            created_at: Timestamp::from_micros(1_795_798_623_123_456),
+        }
+    }
+
+    #[test]
+    fn publishes_at_qos_2_with_mqtt5_properties() {
+        let o = order();
+        let p = order_publish(&o, true);
+        assert_eq!(p.qos, QoS::ExactlyOnce);
+        assert_eq!(p.topic.as_str(), "orders/s1");
+        assert_eq!(&p.payload[..], &o.to_payload()[..]);
+        assert_eq!(
+            p.properties.content_type().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.properties.correlation_data().map(|b| &b[..]),
+            Some(&b"01ARYZ6S41TSV4RRFFQ69G5FAV"[..])
+        );
+        let p = order_publish(&o, false);
+        assert_eq!(p.qos, QoS::ExactlyOnce);
+        assert!(p.properties.content_type().is_none());
+    }
+}

@@ -211,10 +211,12 @@ impl Agent {
     /// Waits until the agent's log says it is subscribed (bounded).
     fn wait_subscribed(&mut self) {
         let start = Instant::now();
-        let before = self.log().matches("subscribed").count();
+        // The agent logs the SUBACK's outcome (granted or downgraded) with the topic.
+        let marker = format!("topic=\"orders/{}\"", self.store);
+        let before = self.log().matches(&marker).count();
         loop {
             let log = self.log();
-            if log.matches("subscribed").count() > before {
+            if log.matches(&marker).count() > before {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -660,4 +662,94 @@ fn serve_stops_on_sigterm() {
         assert!(start.elapsed() < START, "serve did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A Mosquitto that grants at most QoS 1 (`max_qos 1`), killed on drop.
+struct CappedMosquitto {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for CappedMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn capped_mosquitto(dir: &Path) -> Option<CappedMosquitto> {
+    let bin = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file());
+    let Some(bin) = bin else {
+        eprintln!("SKIPPED: no `mosquitto` binary (apt-get install mosquitto)");
+        return None;
+    };
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_qos 1\n"),
+    )
+    .expect("write mosquitto.conf");
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mosquitto");
+    let m = CappedMosquitto { child, port };
+    assert!(wait_for_port(port, START), "mosquitto did not listen");
+    Some(m)
+}
+
+/// The seed's bug, against a broker that will not do QoS 2: nothing is silently sent or
+/// subscribed at a lower QoS. The ack subscription's downgrade shows in `/metrics`, the
+/// agent warns, and orders stay `received` instead of travelling at QoS 1.
+#[test]
+fn a_broker_capped_at_qos_1_is_reported_not_silently_used() {
+    let dir = temp_dir("e2e-capped");
+    let Some(broker) = capped_mosquitto(&dir) else {
+        return;
+    };
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let serve = Serve::start(&dir, &["--broker", &url]);
+    let agent = Agent::start(&dir, "capped", &url, None);
+    let (code, body) = http(
+        serve.http,
+        "POST",
+        "/api/orders",
+        Some(&order_body("capped", "tea")),
+        None,
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = json_of(&body)["id"].as_str().expect("id").to_owned();
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = http(serve.http, "GET", "/metrics", None, None);
+        if metrics.contains("qosmos_orders_ack_subscription_qos 1\n")
+            && metrics.contains("qosmos_orders_ack_subscription_downgrades_total 1\n")
+            && !metrics.contains("qosmos_orders_dispatch_failures_total 0\n")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < START,
+            "downgrade not reported:\n{metrics}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, body) = http(serve.http, "GET", &format!("/api/orders/{id}"), None, None);
+    assert_eq!(json_of(&body)["status"], "received", "{body}");
+    assert!(serve.log().contains("DOWNGRADED"), "{}", serve.log());
+    assert!(agent.log().contains("LESS THAN QoS 2"), "{}", agent.log());
+    assert!(agent.printed().is_empty());
 }
