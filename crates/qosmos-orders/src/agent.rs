@@ -13,9 +13,12 @@
 //! 4. Only then does the handler return, and the client acknowledge the order to the broker
 //!    (PUBREC): until that point a crash makes the broker deliver the order again.
 //!
-//! Recording before printing makes printing at most once: a SIGKILL between the two loses
-//! that one line (a window of one `write` call), where printing first would repeat the line
-//! whenever the kill lands during the much longer `fsync`. An `--exec` order found
+//! Recording before printing makes printing at most once: the journal line is written,
+//! then the order line, then the journal is synced (before the ack). A SIGKILL between
+//! the two `write` calls loses that one order's line; none can make the agent print an
+//! order twice. (Printing first would repeat the line whenever a kill landed before the
+//! journal write.) After a power cut, the journal is as of the last sync, and an order
+//! printed but not yet acknowledged may be printed again. An `--exec` order found
 //! `started` after a restart is not run again (it may have done its work): it is rejected
 //! with a reason saying so, which makes the store's staff look at it.
 //!
@@ -239,22 +242,44 @@ impl Handler {
 
     async fn first_time(&self, order: &Order) -> Result<(AckOutcome, Option<String>), ()> {
         let Some(cmd) = &self.exec else {
-            self.record(order, AckOutcome::Accepted, None).await?;
-            let line = order.to_payload();
-            let printed = tokio::task::spawn_blocking(move || {
+            // The journal line, then the order line, then the sync, in one blocking call.
+            // A SIGKILL cannot undo a write() that returned (the page cache outlives the
+            // process), so the only moment a kill loses the order's line (recorded, not
+            // printed) is between these two write() calls; it can never print it twice.
+            // The sync comes before the ack and the MQTT acknowledgement.
+            let journal = self.journal.clone();
+            let id = order.id.clone();
+            let mut line = order.to_payload();
+            line.push(b'\n');
+            let done = tokio::task::spawn_blocking(move || {
+                let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
                 let mut out = std::io::stdout().lock();
-                out.write_all(&line)?;
-                out.write_all(b"\n")?;
-                out.flush()
+                journal
+                    .append(
+                        &id,
+                        Handled::Done {
+                            status: AckOutcome::Accepted,
+                            reason: None,
+                        },
+                    )
+                    .map_err(|e| (true, e))?;
+                let printed = out.write_all(&line).and_then(|()| out.flush());
+                journal.sync().map_err(|e| (true, e))?;
+                printed.map_err(|e| (false, e))
             })
             .await;
-            match printed {
+            match done {
                 Ok(Ok(())) => tracing::info!(order_id = %order.id, "order printed"),
-                Ok(Err(e)) => {
-                    tracing::error!(order_id = %order.id, error = %e, "printing the order failed")
+                Ok(Err((true, e))) => {
+                    tracing::error!(order_id = %order.id, error = %e, "cannot write the journal: stopping");
+                    std::process::exit(1);
+                }
+                Ok(Err((false, e))) => {
+                    tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
                 }
                 Err(e) => {
-                    tracing::error!(order_id = %order.id, error = %e, "printing the order failed")
+                    tracing::error!(order_id = %order.id, error = %e, "the journal and print task failed");
+                    return Err(());
                 }
             }
             return Ok((AckOutcome::Accepted, None));

@@ -143,6 +143,18 @@ impl Journal {
     ///
     /// I/O errors; then nothing may be assumed recorded.
     pub fn record(&mut self, id: &OrderId, h: Handled) -> io::Result<()> {
+        self.append(id, h)?;
+        self.sync()
+    }
+
+    /// Appends `h` for `id` without syncing: once this returns, the line survives the death
+    /// of the process (it is in the kernel's page cache) but not a power cut until
+    /// [`Journal::sync`] returns.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors; then nothing may be assumed recorded.
+    pub fn append(&mut self, id: &OrderId, h: Handled) -> io::Result<()> {
         let line = match &h {
             Handled::Started => Line {
                 order_id: id.clone(),
@@ -161,9 +173,17 @@ impl Journal {
         let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
         bytes.push(b'\n');
         self.file.write_all(&bytes)?;
-        self.file.sync_data()?;
         self.entries.insert(id.clone(), h);
         Ok(())
+    }
+
+    /// Syncs what was appended to disk.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 

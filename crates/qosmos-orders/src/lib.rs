@@ -55,8 +55,8 @@
 //! # Exactly once, and where it is only at most once
 //! The service publishes at least once (again after a restart, again when an ack is
 //! overdue); the agent makes it exactly once by its journal, written and synced before it
-//! prints or acknowledges. Printing comes after the journal write: a SIGKILL between the
-//! two (one `write` call) loses that order's line rather than risk printing it twice. An
+//! acknowledges, and written before it prints: a SIGKILL between those two `write` calls
+//! loses that one order's line rather than risk printing it twice (see [`agent`]). An
 //! `--exec` command interrupted by a crash is not run again: the order is rejected with a
 //! reason saying so.
 //!
