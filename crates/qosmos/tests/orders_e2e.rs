@@ -806,3 +806,59 @@ fn a_broker_capped_at_qos_1_is_reported_not_silently_used() {
     assert!(agent.log().contains("LESS THAN QoS 2"), "{}", agent.log());
     assert!(agent.printed().is_empty());
 }
+
+/// An `--exec` command cut off by a SIGKILL of its agent is not run again after the restart
+/// (it may have done its work): the order is rejected, with a reason that says why.
+#[test]
+fn exec_interrupted_by_sigkill_is_not_run_twice() {
+    let dir = temp_dir("e2e-exec-kill");
+    let runs = dir.join("runs");
+    let script = dir.join("slow.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> {}\nsleep 3\nexit 0\n",
+            runs.display()
+        ),
+    )
+    .expect("script");
+    let serve = Serve::start(&dir, &["--ack-timeout", "2s"]);
+    let exec = format!("sh {}", script.display());
+    let mut agent = Agent::start(&dir, "slow", &serve.broker_url(), Some(&exec));
+    let (code, body) = http(
+        serve.http,
+        "POST",
+        "/api/orders",
+        Some(&order_body("slow", "tea")),
+        None,
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = json_of(&body)["id"].as_str().expect("id").to_owned();
+    let start = Instant::now();
+    while !runs.exists() {
+        assert!(
+            start.elapsed() < START,
+            "the command never ran; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.kill_and_restart();
+    let done = wait_final(serve.http, std::slice::from_ref(&id), SETTLE, &|| {
+        agent.log()
+    });
+    let v = &done[&id];
+    assert_eq!(v["status"], "rejected", "{v}");
+    let reason = v["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .map(|h| h["reason"].to_string());
+    assert!(reason.is_some_and(|r| r.contains("not run again")), "{v}");
+    let ran = std::fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(
+        ran.lines().count(),
+        1,
+        "the command ran {} times",
+        ran.lines().count()
+    );
+}
