@@ -54,9 +54,20 @@ impl AckConsumer {
         }
     }
 
-    /// Routes the ack topic of `client` to this consumer and subscribes at QoS 2; returns
-    /// what the broker granted. Also watches the client's events so that a downgrade at a
-    /// later restore (after the broker lost the session) is reported too.
+    /// Routes `acks/+` (shared or not: routing ignores a `$share/{group}/` prefix) of
+    /// `client` to this consumer. Call it before the client can receive anything.
+    pub fn route(&self, client: &Client) {
+        let me = self.clone();
+        client.route("acks/+", move |msg| {
+            let me = me.clone();
+            async move { me.handle(msg).await }
+        });
+    }
+
+    /// Subscribes to the ack topic at QoS 2 (the route must be in place:
+    /// [`AckConsumer::route`]) and returns what the broker granted. Also watches the
+    /// client's events so that a downgrade at a later restore (after the broker lost the
+    /// session) is reported too.
     ///
     /// # Errors
     ///
@@ -67,11 +78,6 @@ impl AckConsumer {
         mqtt5: bool,
     ) -> Result<SubscribeOutcome, ClientError> {
         let filter = ack_filter(mqtt5);
-        let me = self.clone();
-        client.route(filter, move |msg| {
-            let me = me.clone();
-            async move { me.handle(msg).await }
-        });
         let metrics = self.metrics.clone();
         let mut events = client.events();
         tokio::spawn(async move {

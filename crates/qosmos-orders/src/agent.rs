@@ -102,20 +102,25 @@ impl Agent {
         })?;
         tracing::info!(path = %journal.path().display(), handled = journal.len(), "journal opened");
         let opts = client_options(base, &config.store_id);
-        let (client, mqtt5) = crate::service::connect(opts).await?;
-        let handler = Arc::new(Handler {
-            client: client.clone(),
-            journal: Arc::new(Mutex::new(journal)),
-            ack_topic: format!("acks/{}", config.store_id),
-            store_id: config.store_id.clone(),
-            exec: config.exec.clone(),
-            mqtt5,
-        });
         let topic = format!("orders/{}", config.store_id);
-        client.route(&topic, move |msg| {
-            let h = handler.clone();
-            async move { h.handle(msg).await }
-        });
+        let journal = Arc::new(Mutex::new(journal));
+        // The route goes on before the connection can deliver: the broker resends a resumed
+        // session's unacknowledged orders at once.
+        let register = |client: &Client, mqtt5: bool| {
+            let handler = Arc::new(Handler {
+                client: client.clone(),
+                journal: journal.clone(),
+                ack_topic: format!("acks/{}", config.store_id),
+                store_id: config.store_id.clone(),
+                exec: config.exec.clone(),
+                mqtt5,
+            });
+            client.route(&topic, move |msg| {
+                let h = handler.clone();
+                async move { h.handle(msg).await }
+            });
+        };
+        let (client, _mqtt5) = crate::service::connect_routed(opts, register).await?;
         let c = client.clone();
         tokio::spawn(async move {
             match c.subscribe(&topic, QoS::ExactlyOnce).await {

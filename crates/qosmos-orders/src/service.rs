@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qosmos_client::mqtt::{ProtocolVersion, ReasonCode};
-use qosmos_client::{Client, ClientError, ClientOptions};
+use qosmos_client::mqtt::ProtocolVersion;
+use qosmos_client::{Client, ClientError, ClientEvent, ClientOptions};
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::acks::{AckConsumer, AckPresence};
 use crate::dispatch::StoreDirectory;
@@ -47,11 +48,11 @@ impl Service {
         mut config: DispatcherConfig,
         directory: Option<Arc<dyn StoreDirectory>>,
     ) -> Result<Service, ClientError> {
-        let (client, mqtt5) = connect(opts).await?;
-        config.mqtt5 = mqtt5;
         let metrics = Arc::new(OrderMetrics::new());
         let presence = Arc::new(AckPresence::new(ACK_PRESENCE_WINDOW));
         let acks = AckConsumer::new(store.clone(), metrics.clone(), presence.clone());
+        let (client, mqtt5) = connect_routed(opts, |c, _| acks.route(c)).await?;
+        config.mqtt5 = mqtt5;
         // The subscription waits for the connection; the service starts meanwhile.
         let (c, a) = (client.clone(), acks.clone());
         tokio::spawn(async move {
@@ -93,23 +94,57 @@ impl Service {
 
 /// Connects with MQTT 5 and reports `true`; if the broker refuses 5, with 3.1.1 and `false`.
 /// A broker that cannot be reached yet is retried in the background (with MQTT 5).
-pub(crate) async fn connect(opts: ClientOptions) -> Result<(Client, bool), ClientError> {
-    let v5 = opts.clone().protocol(ProtocolVersion::V5);
-    match Client::connect(v5.clone().fail_fast(true)).await {
-        Ok(c) => Ok((c, true)),
-        Err(ClientError::ConnectRefused(code))
-            if code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION =>
-        {
-            tracing::warn!(
-                "the broker does not speak MQTT 5: using 3.1.1 (no shared ack subscription)"
-            );
-            let c = Client::connect(opts.protocol(ProtocolVersion::V311)).await?;
-            Ok((c, false))
+///
+/// `register(client, mqtt5)` adds the client's routes. It runs on each client as soon as it exists,
+/// before its first connection can deliver anything: a message a resumed session
+/// delivers before its route exists would be acknowledged unhandled.
+pub(crate) async fn connect_routed(
+    opts: ClientOptions,
+    register: impl Fn(&Client, bool),
+) -> Result<(Client, bool), ClientError> {
+    let client =
+        Client::connect(opts.clone().protocol(ProtocolVersion::V5).fail_fast(false)).await?;
+    register(&client, true);
+    let mut events = client.events();
+    let give_up = tokio::time::sleep(Duration::from_secs(15));
+    tokio::pin!(give_up);
+    loop {
+        if client.is_connected() {
+            return Ok((client, true));
         }
-        Err(e @ ClientError::ConnectRefused(_)) => Err(e),
-        Err(e) => {
-            tracing::warn!(error = %e, "the broker cannot be reached yet: retrying in the background");
-            Ok((Client::connect(v5.fail_fast(false)).await?, true))
+        let event = tokio::select! {
+            () = &mut give_up => return Ok((client, true)),
+            ev = events.recv() => ev,
+        };
+        match event {
+            Ok(ClientEvent::Connected { .. }) => return Ok((client, true)),
+            Ok(ClientEvent::ConnectFailed { reason, .. })
+                if reason.contains("Unsupported Protocol Version") =>
+            {
+                client.disconnect().await;
+                tracing::warn!(
+                    "the broker does not speak MQTT 5: using 3.1.1 (no shared ack subscription)"
+                );
+                let c =
+                    Client::connect(opts.protocol(ProtocolVersion::V311).fail_fast(false)).await?;
+                register(&c, false);
+                return Ok((c, false));
+            }
+            Ok(ClientEvent::ConnectFailed { reason, .. })
+                if reason.starts_with("the broker refused the connection") =>
+            {
+                client.disconnect().await;
+                return Err(ClientError::Connect {
+                    addr: format!("{}:{}", opts.get_host(), opts.get_port()),
+                    reason,
+                });
+            }
+            Ok(ClientEvent::ConnectFailed { reason, .. }) => {
+                tracing::warn!(error = %reason, "the broker cannot be reached yet: retrying in the background");
+                return Ok((client, true));
+            }
+            Ok(ClientEvent::Closed) | Err(RecvError::Closed) => return Err(ClientError::Closed),
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
         }
     }
 }
