@@ -6,7 +6,8 @@
 //! otherwise when a scan of [`OrderStore::due_for_dispatch`] finds it: at start (orders a
 //! restart left `received`), then every [`DispatcherConfig::scan_interval`] (orders still
 //! `dispatched` with no ack after [`DispatcherConfig::ack_timeout`], and anything a lost
-//! notification missed). An order that is being published is skipped by the scans, so one
+//! notification missed), and when told a store came online ([`MqttDispatcher::store_online`]:
+//! its orders still `dispatched`). An order that is being published is skipped, so one
 //! order has at most one publish in flight from this process.
 //!
 //! Delivery to the store is therefore at least once; the store agent drops repeats by order
@@ -27,8 +28,8 @@ use tokio::task::JoinSet;
 use crate::dispatch::Dispatcher;
 use crate::id::OrderId;
 use crate::metrics::OrderMetrics;
-use crate::model::{Order, Status};
-use crate::store::{OrderStore, Transition};
+use crate::model::{Order, Status, StoreId};
+use crate::store::{ListFilter, MAX_LIST_LIMIT, OrderStore, Transition};
 use crate::time::Timestamp;
 
 /// How the dispatcher behaves.
@@ -61,6 +62,7 @@ impl Default for DispatcherConfig {
 #[derive(Debug, Clone)]
 pub struct MqttDispatcher {
     tx: mpsc::Sender<OrderId>,
+    kick: mpsc::Sender<StoreId>,
     rescan: Arc<Notify>,
 }
 
@@ -68,6 +70,7 @@ pub struct MqttDispatcher {
 #[derive(Debug)]
 pub struct DispatcherTask {
     rx: mpsc::Receiver<OrderId>,
+    kick: mpsc::Receiver<StoreId>,
     rescan: Arc<Notify>,
     store: OrderStore,
     client: Client,
@@ -84,14 +87,17 @@ impl MqttDispatcher {
         metrics: Arc<OrderMetrics>,
     ) -> (MqttDispatcher, DispatcherTask) {
         let (tx, rx) = mpsc::channel(4096);
+        let (kick_tx, kick) = mpsc::channel(256);
         let rescan = Arc::new(Notify::new());
         (
             MqttDispatcher {
                 tx,
+                kick: kick_tx,
                 rescan: rescan.clone(),
             },
             DispatcherTask {
                 rx,
+                kick,
                 rescan,
                 store,
                 client,
@@ -99,6 +105,18 @@ impl MqttDispatcher {
                 metrics,
             },
         )
+    }
+}
+
+impl MqttDispatcher {
+    /// Tells the dispatcher that `store` just came online (a new subscription to its
+    /// topic): its orders still waiting for an ack are published again now, instead of
+    /// after the ack timeout. Orders dispatched while no one was subscribed (the store had
+    /// never connected, or the embedded broker restarted) were dropped by the broker; the
+    /// store drops any repeat by order id.
+    pub fn store_online(&self, store: &StoreId) {
+        // A full channel: the ack timeout still redispatches them.
+        let _ = self.kick.try_send(store.clone());
     }
 }
 
@@ -142,6 +160,7 @@ impl DispatcherTask {
                         Vec::new()
                     }
                 },
+                Some(store) = self.kick.recv() => self.waiting_for(&store).await,
                 _ = tick.tick() => self.scan().await,
                 () = self.rescan.notified() => self.scan().await,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => Vec::new(),
@@ -163,6 +182,27 @@ impl DispatcherTask {
                     mqtt5: self.config.mqtt5,
                 };
                 tasks.spawn(job.run());
+            }
+        }
+    }
+
+    /// `store`'s orders that are `dispatched` and not acknowledged, oldest first.
+    async fn waiting_for(&self, store: &StoreId) -> Vec<Order> {
+        let filter = ListFilter {
+            store_id: Some(store.clone()),
+            status: Some(Status::Dispatched),
+            limit: MAX_LIST_LIMIT,
+        };
+        match self.store.list(&filter).await {
+            Ok(list) => {
+                if !list.is_empty() {
+                    tracing::info!(store_id = %store, orders = list.len(), "store came online: dispatching its unacknowledged orders again");
+                }
+                list.into_iter().rev().map(|s| s.order).collect()
+            }
+            Err(e) => {
+                tracing::warn!(store_id = %store, error = %e, "listing a store's orders failed");
+                Vec::new()
             }
         }
     }
@@ -258,7 +298,7 @@ pub fn order_publish(order: &Order, mqtt5: bool) -> Publish {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Item, StoreId};
+    use crate::model::Item;
 
     fn order() -> Order {
         Order {

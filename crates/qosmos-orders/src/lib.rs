@@ -39,8 +39,10 @@
 //!   included.
 //! - [`dispatcher`]: the outbox dispatcher: QoS 2 publishes of `orders/{store_id}`
 //!   through `qosmos-client`, `dispatched` on PUBCOMP, woken by each new order, scanning
-//!   for orders a restart left `received` and for acks overdue; a bounded window of
-//!   publishes in flight.
+//!   for orders a restart left `received` and for acks overdue, and, when a store comes
+//!   online (seen in the embedded broker's sessions), sending its unacknowledged orders
+//!   again at once (the broker dropped those published while nobody was subscribed); a
+//!   bounded window of publishes in flight.
 //! - [`acks`]: the ack consumer on `acks/+` (`$share/qosmos/acks/+` under MQTT 5), and
 //!   [`acks::AckPresence`], the store directory when the broker is external.
 //! - [`directory`]: the store directory from the embedded broker's sessions.

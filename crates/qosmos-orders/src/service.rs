@@ -30,6 +30,7 @@ pub struct Service {
     client: Client,
     state: AppState,
     dispatcher: DispatcherTask,
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Service {
@@ -62,6 +63,9 @@ impl Service {
         });
         let (dispatcher, task) =
             MqttDispatcher::new(store.clone(), client.clone(), config, metrics.clone());
+        let watcher = directory
+            .clone()
+            .map(|d| tokio::spawn(watch_stores(d, dispatcher.clone())));
         let directory = directory.unwrap_or(presence);
         let state = AppState::new(store)
             .with_dispatcher(Arc::new(dispatcher))
@@ -71,6 +75,7 @@ impl Service {
             client,
             state,
             dispatcher: task,
+            watcher,
         })
     }
 
@@ -88,7 +93,34 @@ impl Service {
     /// broker to acknowledge what is in flight).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         self.dispatcher.run(shutdown).await;
+        if let Some(w) = self.watcher {
+            w.abort();
+        }
         self.client.disconnect().await;
+    }
+}
+
+/// How often the store directory is polled for stores coming online.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Tells the dispatcher about every store that comes online (and, at start, about every
+/// store online already), so that orders the broker dropped while nobody was subscribed
+/// are sent again at once rather than after the ack timeout.
+async fn watch_stores(directory: Arc<dyn StoreDirectory>, dispatcher: MqttDispatcher) {
+    let mut online = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now: std::collections::HashSet<_> = directory
+            .stores()
+            .into_iter()
+            .filter(|s| s.online)
+            .map(|s| s.store_id)
+            .collect();
+        for store in now.difference(&online) {
+            dispatcher.store_online(store);
+        }
+        online = now;
     }
 }
 
