@@ -58,7 +58,8 @@ impl Default for DispatcherConfig {
     }
 }
 
-/// The [`Dispatcher`] the HTTP API notifies; the publishing runs in [`MqttDispatcher::run`].
+/// The [`Dispatcher`] the HTTP API notifies; the publishing runs in
+/// [`DispatcherTask::run`].
 #[derive(Debug, Clone)]
 pub struct MqttDispatcher {
     tx: mpsc::Sender<OrderId>,
