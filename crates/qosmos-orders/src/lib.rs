@@ -74,7 +74,10 @@
 //! ```
 //!
 //! # What it does not do yet
-//! - **Dashboard**: `GET /` is a placeholder page: no live updates (SSE / WebSocket) yet.
+//! - **Dashboard**: `GET /` shows stores (online, subscriptions with the granted QoS, below
+//!   QoS 2 flagged in red), the broker's subscriptions and the latest orders, by polling
+//!   the API every second: no server push (SSE / WebSocket) yet, and no browser test
+//!   (no Chromium here).
 //! - **Store directory with an external broker** (`serve --broker`): the broker's sessions
 //!   are not visible, so a store is listed online when an ack came from it in the last
 //!   five minutes, with no subscriptions; pending counts are exact.
