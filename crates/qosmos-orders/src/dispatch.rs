@@ -1,8 +1,9 @@
 //! The seams where MQTT plugs in: who publishes new orders, and who knows the stores.
 //!
-//! The service itself does not speak MQTT. A dispatcher built on `qosmos-client`
-//! implements [`Dispatcher`] (publish at QoS 2, then [`OrderStore::mark_dispatched`] on
-//! PUBCOMP), and the same component, seeing the broker's sessions, implements
+//! The HTTP API does not speak MQTT. [`crate::dispatcher::MqttDispatcher`] implements
+//! [`Dispatcher`] (publish at QoS 2, then [`OrderStore::mark_dispatched`] on PUBCOMP);
+//! [`crate::directory::SessionDirectory`] (the embedded broker's sessions) and
+//! [`crate::acks::AckPresence`] (acks seen, for an external broker) implement
 //! [`StoreDirectory`].
 //!
 //! [`OrderStore::mark_dispatched`]: crate::store::OrderStore::mark_dispatched

@@ -28,6 +28,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::dispatch::{Dispatcher, NoDirectory, NoDispatcher, StoreDirectory, Subscription};
 use crate::id::OrderId;
+use crate::metrics::OrderMetrics;
 use crate::model::{InputError, NewOrder, Status, StoreId};
 use crate::store::{CreateError, IdempotencyKey, ListFilter, MAX_LIST_LIMIT, OrderStore};
 
@@ -47,7 +48,12 @@ pub struct AppState {
     store: OrderStore,
     dispatcher: Arc<dyn Dispatcher>,
     directory: Arc<dyn StoreDirectory>,
+    metrics: Option<Arc<OrderMetrics>>,
+    extra_metrics: Option<MetricsSource>,
 }
+
+/// More Prometheus text to append to `GET /metrics` (the embedded broker's metrics).
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl AppState {
     /// State over `store`, with no dispatcher and no directory (orders stay `received`,
@@ -57,7 +63,22 @@ impl AppState {
             store,
             dispatcher: Arc::new(NoDispatcher),
             directory: Arc::new(NoDirectory),
+            metrics: None,
+            extra_metrics: None,
         }
+    }
+
+    /// Serves `metrics` (the dispatcher's and the ack consumer's) on `GET /metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<OrderMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Appends what `source` renders to `GET /metrics` (e.g. the embedded broker's metrics),
+    /// so that one scrape sees the whole process.
+    pub fn with_extra_metrics(mut self, source: MetricsSource) -> Self {
+        self.extra_metrics = Some(source);
+        self
     }
 
     /// Notifies `dispatcher` of each new order after it is committed.
@@ -96,6 +117,7 @@ impl std::fmt::Debug for AppState {
 /// | `GET /api/stores` | stores: online, subscriptions, pending |
 /// | `GET /api/openapi.json` | this API as OpenAPI 3.1 |
 /// | `GET /healthz` | 200 when the database answers |
+/// | `GET /metrics` | Prometheus text: the service's metrics, then any extra source's |
 /// | `GET /` | the dashboard |
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -104,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stores", get(list_stores))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/", get(dashboard))
         .fallback(not_found)
         .layer(TraceLayer::new_for_http())
@@ -346,6 +369,18 @@ async fn healthz(State(state): State<AppState>) -> Response {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
         }
     }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = state
+        .metrics
+        .as_ref()
+        .map(|m| m.render())
+        .unwrap_or_default();
+    if let Some(extra) = &state.extra_metrics {
+        text.push_str(&extra());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn openapi() -> Response {

@@ -3,19 +3,64 @@
 //! Web services `POST` orders; the service stores each one durably and answers `201`
 //! only after the commit is on disk; a dispatcher then pushes it to the store over MQTT
 //! at QoS 2 on `orders/{store_id}`, and the store's ack on `acks/{store_id}` closes it.
+//! The store agent on the other side ([`agent`]) handles each order exactly once.
 //! The HTTP contract is `PRODUCT.md`; the same API is described as OpenAPI 3.1 at
 //! `GET /api/openapi.json`.
+//!
+//! # One-minute walkthrough
+//! Nothing to install but Rust: `serve` embeds the MQTT broker and SQLite.
+//! ```text
+//! # terminal 1: the service (HTTP on 127.0.0.1:8080, MQTT on 127.0.0.1:1883, ./qosmos-data)
+//! cargo run --release -- serve
+//!
+//! # terminal 2: a store agent; each order it receives is printed as one JSON line
+//! cargo run --release -- store --store-id store-1 --data-dir ./store-1
+//!
+//! # terminal 3: an order, retried safely with the same Idempotency-Key
+//! curl -s -X POST localhost:8080/api/orders -H 'Idempotency-Key: demo-1' \
+//!      -d '{"store_id":"store-1","items":[{"sku":"latte","qty":2}],"note":"oat milk"}'
+//! # -> 201 {"id":"01…","store_id":"store-1",…,"status":"received"}
+//! curl -s localhost:8080/api/orders/01…     # "status":"accepted", with its history:
+//! #    received -> dispatched (PUBCOMP from the broker) -> accepted (the store's ack)
+//! curl -s localhost:8080/api/stores          # store-1 online, orders/store-1 at QoS 2
+//! curl -s localhost:8080/api/broker/subscriptions   # the QoS the broker granted
+//! ```
+//! Kill the store agent (even with `kill -9`) and start it again: orders posted meanwhile
+//! arrive when it is back, and none is printed twice. `--exec ./decide.sh` runs a command
+//! per order instead (exit 0 accepts; otherwise its stderr is the rejection reason).
 //!
 //! # What is here
 //! - [`model`]: the order JSON of the contract and strict validation of request bodies.
 //! - [`store`]: the order store: SQLite (WAL, `synchronous=FULL`), embedded migrations,
 //!   idempotency keys, the status lifecycle with a microsecond history, the
-//!   dispatcher's queries ([`store::OrderStore::due_for_dispatch`],
-//!   [`store::OrderStore::pending_by_store`]).
-//! - [`http`]: the axum router ([`http::router`]) and [`http::serve`].
+//!   dispatcher's queries ([`store::OrderStore::due_for_dispatch`], with a redispatch
+//!   wait that doubles per attempt, and [`store::OrderStore::pending_by_store`]).
+//! - [`http`]: the axum router ([`http::router`]) and [`http::serve`], `/metrics`
+//!   included.
+//! - [`dispatcher`]: the outbox dispatcher: QoS 2 publishes of `orders/{store_id}`
+//!   through `qosmos-client`, `dispatched` on PUBCOMP, woken by each new order, scanning
+//!   for orders a restart left `received` and for acks overdue, and, when a store comes
+//!   online (seen in the embedded broker's sessions), sending its unacknowledged orders
+//!   again at once (the broker dropped those published while nobody was subscribed); a
+//!   bounded window of publishes in flight.
+//! - [`acks`]: the ack consumer on `acks/+` (`$share/qosmos/acks/+` under MQTT 5), and
+//!   [`acks::AckPresence`], the store directory when the broker is external.
+//! - [`directory`]: the store directory from the embedded broker's sessions.
+//! - [`service`]: all of the above wired over one MQTT client.
+//! - [`agent`] and [`journal`]: the store agent (`qosmos store`) and its durable record of
+//!   the orders it handled.
+//! - [`metrics`]: the service's counters (`qosmos_orders_*`).
 //! - [`dispatch`]: the traits MQTT plugs into, [`dispatch::Dispatcher`] (told of each
 //!   committed order) and [`dispatch::StoreDirectory`] (who is online, at what QoS).
 //! - [`id`], [`time`]: time-ordered order ids and microsecond RFC 3339 timestamps.
+//!
+//! # Exactly once, and where it is only at most once
+//! The service publishes at least once (again after a restart, again when an ack is
+//! overdue); the agent makes it exactly once by its journal, written and synced before it
+//! acknowledges, and written before it prints: a SIGKILL between those two `write` calls
+//! loses that one order's line rather than risk printing it twice (see [`agent`]). An
+//! `--exec` command interrupted by a crash is not run again: the order is rejected with a
+//! reason saying so.
 //!
 //! # Example
 //! ```no_run
@@ -29,26 +74,35 @@
 //! ```
 //!
 //! # What it does not do yet
-//! - **MQTT dispatch**: no [`dispatch::Dispatcher`] publishes yet; with the default
-//!   [`dispatch::NoDispatcher`] orders stay `received`. The one built on
-//!   `qosmos-client` will publish at QoS 2 and call
-//!   [`store::OrderStore::mark_dispatched`] on PUBCOMP, and rescan
-//!   [`store::OrderStore::due_for_dispatch`] for redispatch after the ack timeout.
-//! - **Ack consumer**: nothing subscribes to `acks/+` yet; the store side is ready
-//!   ([`store::OrderStore::record_ack`], [`model::Ack`]).
-//! - **Store agent** (`qosmos store`): not here yet.
-//! - **Dashboard**: `GET /` is a placeholder page; `GET /api/stores` lists only stores
-//!   with pending orders until a real [`dispatch::StoreDirectory`] is wired in.
+//! - **Dashboard**: `GET /` shows stores (online, subscriptions with the granted QoS, below
+//!   QoS 2 flagged in red), the broker's subscriptions and the latest orders, by polling
+//!   the API every second: no server push (SSE / WebSocket) yet, and no browser test
+//!   (no Chromium here).
+//! - **Store directory with an external broker** (`serve --broker`): the broker's sessions
+//!   are not visible, so a store is listed online when an ack came from it in the last
+//!   five minutes, with no subscriptions; pending counts are exact.
+//! - **Embedded broker durability**: `qosmos-broker` keeps its state in memory for now
+//!   (its `data_dir` is `{--data-dir}/broker`), so a `serve` restart loses the broker's
+//!   queues; nothing is lost for good, because orders not acknowledged are dispatched
+//!   again after the ack timeout.
 //! - **PostgreSQL**: SQLite only. The queries use `$n` placeholders, integer
-//!   microsecond times and TEXT JSON so they port, but write transactions use SQLite's
-//!   `BEGIN IMMEDIATE` and the pool is `SqlitePool`; a `postgres` feature is future work.
+//!   microsecond times and TEXT JSON so they port (the redispatch wait uses `<<` and
+//!   `MIN`/`MAX`, which become `<<` and `LEAST`/`GREATEST`), but write transactions use
+//!   SQLite's `BEGIN IMMEDIATE` and the pool is `SqlitePool`.
 //! - **Idempotency keys** are kept forever (no expiry yet) and are global, not
-//!   per client.
-//! - `/metrics` and the `/api/broker/*` routes belong to the broker and the binary.
+//!   per client. The agent's journal is never compacted.
+//! - **Benchmark** against the seed's Flask-MQTT stack: not written yet.
 
+pub mod acks;
+pub mod agent;
+pub mod directory;
 pub mod dispatch;
+pub mod dispatcher;
 pub mod http;
 pub mod id;
+pub mod journal;
+pub mod metrics;
 pub mod model;
+pub mod service;
 pub mod store;
 pub mod time;

@@ -30,6 +30,9 @@ const MIGRATIONS: &[(i64, &str, &str)] =
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 /// The most orders one list returns.
 pub const MAX_LIST_LIMIT: u32 = 1000;
+/// How many times the wait before a redispatch doubles at most (2^5: 32 × the ack
+/// timeout, 16 minutes with the default 30 s).
+pub const MAX_REDISPATCH_DOUBLINGS: u32 = 5;
 
 /// How to open an [`OrderStore`].
 #[derive(Debug, Clone)]
@@ -508,7 +511,11 @@ impl OrderStore {
     }
 
     /// Orders to publish (again), oldest first: every `received` order, and every
-    /// `dispatched` one whose last dispatch is more than `ack_timeout` before `now`.
+    /// `dispatched` one whose ack is overdue. An order dispatched `n` times waits
+    /// `ack_timeout × 2^(n-1)` after its last dispatch, at most
+    /// `ack_timeout × 2^`[`MAX_REDISPATCH_DOUBLINGS`]: a store that is away for hours
+    /// (its broker session queueing what it missed) is not sent a fresh copy every
+    /// `ack_timeout`.
     ///
     /// The store does not track what is in flight: a dispatcher that is still
     /// publishing an order will see it here again and should skip it.
@@ -518,14 +525,19 @@ impl OrderStore {
         ack_timeout: Duration,
         limit: u32,
     ) -> Result<Vec<Order>, StoreError> {
-        let cutoff = now.saturating_sub(ack_timeout);
+        let timeout =
+            i64::try_from(ack_timeout.as_micros()).unwrap_or(i64::MAX >> MAX_REDISPATCH_DOUBLINGS);
+        let timeout = timeout.min(i64::MAX >> (MAX_REDISPATCH_DOUBLINGS + 1));
         let rows: Vec<OrderRow> = sqlx::query_as(&format!(
             "SELECT {ORDER_COLUMNS} FROM orders \
              WHERE status = 'received' \
-                OR (status = 'dispatched' AND last_dispatched_at <= $1) \
-             ORDER BY id LIMIT $2"
+                OR (status = 'dispatched' AND last_dispatched_at + \
+                    ($1 << MIN(MAX(dispatch_attempts - 1, 0), $2)) <= $3) \
+             ORDER BY id LIMIT $4"
         ))
-        .bind(cutoff.as_micros())
+        .bind(timeout)
+        .bind(i64::from(MAX_REDISPATCH_DOUBLINGS))
+        .bind(now.as_micros())
         .bind(i64::from(limit.max(1)))
         .fetch_all(&self.pool)
         .await?;
@@ -708,6 +720,48 @@ mod tests {
             assert_eq!(fk, 1);
         }
         drop(conns);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn redispatch_waits_double_each_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        let new = NewOrder::from_json(br#"{"store_id":"s","items":[{"sku":"a","qty":1}]}"#)
+            .expect("valid");
+        let id = store
+            .create(&new, None)
+            .await
+            .expect("create")
+            .order
+            .order
+            .id;
+        let timeout = Duration::from_secs(10);
+        let due_at = |secs: u64| {
+            let store = store.clone();
+            async move {
+                let now = Timestamp::now().saturating_add(Duration::from_secs(secs));
+                !store
+                    .due_for_dispatch(now, timeout, 10)
+                    .await
+                    .expect("due")
+                    .is_empty()
+            }
+        };
+        assert!(due_at(0).await, "received: due at once");
+        store.mark_dispatched(&id).await.expect("dispatch 1");
+        assert!(!due_at(9).await);
+        assert!(due_at(11).await, "after one timeout");
+        store.mark_dispatched(&id).await.expect("dispatch 2");
+        assert!(!due_at(19).await);
+        assert!(due_at(21).await, "after two timeouts");
+        for _ in 0..10 {
+            store.mark_dispatched(&id).await.expect("dispatch n");
+        }
+        assert!(!due_at(319).await);
+        assert!(due_at(321).await, "capped at 32 timeouts");
         store.close().await;
     }
 

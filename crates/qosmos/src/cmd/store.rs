@@ -1,7 +1,10 @@
-//! `qosmos store`: the store-side agent.
+//! `qosmos store`: the store-side agent (`qosmos_orders::agent`).
 
-use crate::error::{CliError, not_implemented};
+use crate::error::CliError;
 use crate::url::BrokerUrl;
+use qosmos_client::ClientOptions;
+use qosmos_orders::agent::{Agent, AgentConfig};
+use qosmos_orders::model::StoreId;
 use std::path::PathBuf;
 
 /// Flags of `qosmos store`.
@@ -20,7 +23,8 @@ pub(crate) struct StoreArgs {
     )]
     pub(crate) broker: BrokerUrl,
 
-    /// Directory for the agent's own state (orders already handled).
+    /// Directory for the agent's own state (the journal of orders already handled);
+    /// ./qosmos-store-{ID} when omitted.
     #[arg(long, env = "QOSMOS_DATA_DIR", value_name = "DIR")]
     pub(crate) data_dir: Option<PathBuf>,
 
@@ -30,8 +34,44 @@ pub(crate) struct StoreArgs {
     pub(crate) exec: Option<String>,
 }
 
-/// Runs the agent.
+/// Client options for `url`: address and credentials.
+pub(crate) fn client_options(url: &BrokerUrl) -> ClientOptions {
+    let mut opts = ClientOptions::new(url.host.clone(), url.port);
+    match (&url.username, &url.password) {
+        (Some(u), Some(p)) => opts = opts.credentials(u.clone(), p.clone().into_bytes()),
+        (Some(u), None) => opts = opts.username(u.clone()),
+        _ => {}
+    }
+    opts
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
 pub(crate) async fn run(args: StoreArgs) -> Result<(), CliError> {
-    tracing::debug!(?args, "store");
-    Err(not_implemented("store"))
+    let store_id = StoreId::parse(&args.store_id)
+        .map_err(|e| CliError::usage(format!("--store-id {:?}: {e}", args.store_id)))?;
+    if args.exec.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        return Err(CliError::usage("--exec: the command is empty"));
+    }
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(format!("qosmos-store-{store_id}")));
+    if data_dir.exists() && !data_dir.is_dir() {
+        return Err(CliError::usage(format!(
+            "--data-dir {}: not a directory",
+            data_dir.display()
+        )));
+    }
+    let config = AgentConfig {
+        store_id: store_id.clone(),
+        data_dir,
+        exec: args.exec,
+    };
+    tracing::info!(store_id = %store_id, broker = %args.broker, "store agent starting");
+    let agent = Agent::start(config, client_options(&args.broker))
+        .await
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    super::shutdown::signal().await;
+    agent.stop().await;
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,0 +1,336 @@
+//! The outbox dispatcher: publishes stored orders at QoS 2 and marks them `dispatched` on
+//! PUBCOMP.
+//!
+//! The order store is the outbox. An order is published when the HTTP handler tells the
+//! dispatcher about it ([`Dispatcher::notify_new_order`], which wakes it at once), and
+//! otherwise when a scan of [`OrderStore::due_for_dispatch`] finds it: at start (orders a
+//! restart left `received`), then every [`DispatcherConfig::scan_interval`] (orders still
+//! `dispatched` with no ack after [`DispatcherConfig::ack_timeout`], and anything a lost
+//! notification missed), and when told a store came online ([`MqttDispatcher::store_online`]:
+//! its orders still `dispatched`). An order that is being published is skipped, so one
+//! order has at most one publish in flight from this process.
+//!
+//! Delivery to the store is therefore at least once; the store agent drops repeats by order
+//! id, which makes the handling exactly once.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use qosmos_client::Client;
+use qosmos_client::mqtt::{Publish, QoS};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::dispatch::Dispatcher;
+use crate::id::OrderId;
+use crate::metrics::OrderMetrics;
+use crate::model::{Order, Status, StoreId};
+use crate::store::{ListFilter, MAX_LIST_LIMIT, OrderStore, Transition};
+use crate::time::Timestamp;
+
+/// How the dispatcher behaves.
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// How long a `dispatched` order waits for the store's ack before it is published again.
+    pub ack_timeout: Duration,
+    /// How often the store is scanned for orders due.
+    pub scan_interval: Duration,
+    /// The most order publishes waiting for PUBCOMP at once.
+    pub window: usize,
+    /// Whether the client speaks MQTT 5: then each publish carries content type
+    /// `application/json` and the order id as correlation data.
+    pub mqtt5: bool,
+}
+
+impl Default for DispatcherConfig {
+    /// 30 s ack timeout, a scan every second, 256 publishes in flight, MQTT 5.
+    fn default() -> Self {
+        DispatcherConfig {
+            ack_timeout: Duration::from_secs(30),
+            scan_interval: Duration::from_secs(1),
+            window: 256,
+            mqtt5: true,
+        }
+    }
+}
+
+/// The [`Dispatcher`] the HTTP API notifies; the publishing runs in
+/// [`DispatcherTask::run`].
+#[derive(Debug, Clone)]
+pub struct MqttDispatcher {
+    tx: mpsc::Sender<OrderId>,
+    kick: mpsc::Sender<StoreId>,
+    rescan: Arc<Notify>,
+}
+
+/// The task half of an [`MqttDispatcher`]: run it with [`DispatcherTask::run`].
+#[derive(Debug)]
+pub struct DispatcherTask {
+    rx: mpsc::Receiver<OrderId>,
+    kick: mpsc::Receiver<StoreId>,
+    rescan: Arc<Notify>,
+    store: OrderStore,
+    client: Client,
+    config: DispatcherConfig,
+    metrics: Arc<OrderMetrics>,
+}
+
+impl MqttDispatcher {
+    /// A dispatcher publishing through `client`, and the task that does the work.
+    pub fn new(
+        store: OrderStore,
+        client: Client,
+        config: DispatcherConfig,
+        metrics: Arc<OrderMetrics>,
+    ) -> (MqttDispatcher, DispatcherTask) {
+        let (tx, rx) = mpsc::channel(4096);
+        let (kick_tx, kick) = mpsc::channel(256);
+        let rescan = Arc::new(Notify::new());
+        (
+            MqttDispatcher {
+                tx,
+                kick: kick_tx,
+                rescan: rescan.clone(),
+            },
+            DispatcherTask {
+                rx,
+                kick,
+                rescan,
+                store,
+                client,
+                config,
+                metrics,
+            },
+        )
+    }
+}
+
+impl MqttDispatcher {
+    /// Tells the dispatcher that `store` just came online (a new subscription to its
+    /// topic): its orders still waiting for an ack are published again now, instead of
+    /// after the ack timeout. Orders dispatched while no one was subscribed (the store had
+    /// never connected, or the embedded broker restarted) were dropped by the broker; the
+    /// store drops any repeat by order id.
+    pub fn store_online(&self, store: &StoreId) {
+        // A full channel: the ack timeout still redispatches them.
+        let _ = self.kick.try_send(store.clone());
+    }
+}
+
+impl Dispatcher for MqttDispatcher {
+    fn notify_new_order(&self, id: &OrderId) {
+        // A full channel loses only the hint: ask for a scan instead, which finds the order.
+        if self.tx.try_send(id.clone()).is_err() {
+            self.rescan.notify_one();
+        }
+    }
+}
+
+/// Orders being published by this process.
+type Inflight = Arc<Mutex<HashSet<OrderId>>>;
+
+impl DispatcherTask {
+    /// Publishes until `shutdown` completes. Publishes still waiting for PUBCOMP then are
+    /// abandoned here (the client may still complete them); their orders stay `received` or
+    /// `dispatched` and are published again after a restart, which the stores deduplicate.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            () = self.work() => {}
+            () = shutdown => {}
+        }
+    }
+
+    async fn work(mut self) {
+        let inflight: Inflight = Arc::default();
+        let window = Arc::new(Semaphore::new(self.config.window.max(1)));
+        let mut tasks = JoinSet::new();
+        // The first tick is immediate: the scan at start.
+        let mut tick = tokio::time::interval(self.config.scan_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let due: Vec<Order> = tokio::select! {
+                Some(id) = self.rx.recv() => match self.store.summary(&id).await {
+                    Ok(Some(s)) if s.status == Status::Received => vec![s.order],
+                    Ok(_) => Vec::new(),
+                    Err(e) => {
+                        tracing::warn!(order_id = %id, error = %e, "reading a new order failed; the next scan retries");
+                        Vec::new()
+                    }
+                },
+                Some(store) = self.kick.recv() => self.waiting_for(&store).await,
+                _ = tick.tick() => self.scan().await,
+                () = self.rescan.notified() => self.scan().await,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => Vec::new(),
+            };
+            for order in due {
+                if !claim(&inflight, &order.id) {
+                    continue;
+                }
+                let Ok(permit) = window.clone().acquire_owned().await else {
+                    return;
+                };
+                let job = Job {
+                    order,
+                    permit,
+                    inflight: inflight.clone(),
+                    store: self.store.clone(),
+                    client: self.client.clone(),
+                    metrics: self.metrics.clone(),
+                    mqtt5: self.config.mqtt5,
+                };
+                tasks.spawn(job.run());
+            }
+        }
+    }
+
+    /// `store`'s orders that are `dispatched` and not acknowledged, oldest first.
+    async fn waiting_for(&self, store: &StoreId) -> Vec<Order> {
+        let filter = ListFilter {
+            store_id: Some(store.clone()),
+            status: Some(Status::Dispatched),
+            limit: MAX_LIST_LIMIT,
+        };
+        match self.store.list(&filter).await {
+            Ok(list) => {
+                if !list.is_empty() {
+                    tracing::info!(store_id = %store, orders = list.len(), "store came online: dispatching its unacknowledged orders again");
+                }
+                list.into_iter().rev().map(|s| s.order).collect()
+            }
+            Err(e) => {
+                tracing::warn!(store_id = %store, error = %e, "listing a store's orders failed");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn scan(&self) -> Vec<Order> {
+        let limit = u32::try_from(self.config.window.saturating_mul(4)).unwrap_or(u32::MAX);
+        match self
+            .store
+            .due_for_dispatch(Timestamp::now(), self.config.ack_timeout, limit)
+            .await
+        {
+            Ok(orders) => orders,
+            Err(e) => {
+                tracing::warn!(error = %e, "scanning for orders to dispatch failed");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Marks `id` as being published; false if it already is.
+fn claim(inflight: &Inflight, id: &OrderId) -> bool {
+    inflight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone())
+}
+
+/// One publish of one order, from PUBLISH to the status update.
+struct Job {
+    order: Order,
+    permit: OwnedSemaphorePermit,
+    inflight: Inflight,
+    store: OrderStore,
+    client: Client,
+    metrics: Arc<OrderMetrics>,
+    mqtt5: bool,
+}
+
+impl Job {
+    async fn run(self) {
+        let m = &self.metrics;
+        m.dispatch_inflight.fetch_add(1, Ordering::Relaxed);
+        let id = self.order.id.clone();
+        let result = self
+            .client
+            .publish(order_publish(&self.order, self.mqtt5))
+            .await;
+        match result {
+            Ok(_) => {
+                OrderMetrics::inc(&m.dispatched_total);
+                match self.store.mark_dispatched(&id).await {
+                    Ok(Transition::Moved { .. }) => {
+                        tracing::debug!(order_id = %id, "order dispatched (PUBCOMP)");
+                    }
+                    Ok(Transition::Redispatched { attempts }) => {
+                        OrderMetrics::inc(&m.redispatched_total);
+                        tracing::info!(order_id = %id, attempts, "order dispatched again: no ack within the ack timeout");
+                    }
+                    Ok(Transition::Ignored { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(order_id = %id, error = %e, "recording a dispatch failed; the order will be published again");
+                    }
+                }
+            }
+            Err(e) => {
+                OrderMetrics::inc(&m.dispatch_failures_total);
+                tracing::warn!(order_id = %id, error = %e, "publishing an order failed; the next scan retries");
+            }
+        }
+        m.dispatch_inflight.fetch_sub(1, Ordering::Relaxed);
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        drop(self.permit);
+    }
+}
+
+/// The PUBLISH for an order: QoS 2 on `orders/{store_id}`, the order JSON as payload, and
+/// under MQTT 5 content type `application/json` and the order id as correlation data.
+pub fn order_publish(order: &Order, mqtt5: bool) -> Publish {
+    let mut p = Publish::new(order.topic(), Bytes::from(order.to_payload()));
+    p.qos = QoS::ExactlyOnce;
+    if mqtt5 {
+        p.properties.set_content_type("application/json");
+        p.properties
+            .set_correlation_data(Bytes::copy_from_slice(order.id.as_str().as_bytes()));
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Item;
+
+    fn order() -> Order {
+        Order {
+            id: OrderId::from_string("01ARYZ6S41TSV4RRFFQ69G5FAV".into()),
+            store_id: StoreId::parse("s1").expect("valid"),
+            items: vec![Item {
+                sku: "tea".into(),
+                qty: 1,
+            }],
+            note: None,
+            created_at: Timestamp::from_micros(1_795_798_623_123_456),
+        }
+    }
+
+    #[test]
+    fn publishes_at_qos_2_with_mqtt5_properties() {
+        let o = order();
+        let p = order_publish(&o, true);
+        assert_eq!(p.qos, QoS::ExactlyOnce);
+        assert_eq!(p.topic.as_str(), "orders/s1");
+        assert_eq!(&p.payload[..], &o.to_payload()[..]);
+        assert_eq!(
+            p.properties.content_type().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.properties.correlation_data().map(|b| &b[..]),
+            Some(&b"01ARYZ6S41TSV4RRFFQ69G5FAV"[..])
+        );
+        let p = order_publish(&o, false);
+        assert_eq!(p.qos, QoS::ExactlyOnce);
+        assert!(p.properties.content_type().is_none());
+    }
+}
