@@ -2,12 +2,14 @@
 # Orders benchmark: POST -> store's ack, the seed's stack (Flask + Flask-MQTT + Mosquitto)
 # next to `qosmos serve` + `qosmos store`, same load generator, same machine.
 #
-# Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--out DIR] [--no-build]
+# Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
 #
 #   --quick     fewer orders (about a minute in all instead of several)
 #   --only S    run one stack only
 #   --variants  also measure the seed app's max throughput under waitress, the Flask
 #               development server and gunicorn with 2 worker processes
+#   --tmpfs     put both stacks' databases, broker persistence and store journals on
+#               /dev/shm (a diagnostic: fsync becomes free, what is left is CPU)
 #   --out DIR   where logs and results.jsonl go (default: a new directory under /tmp)
 #   --no-build  use target/release/qosmos as it is
 #
@@ -28,6 +30,7 @@ ONLY=both
 VARIANTS=0
 OUT=""
 BUILD=1
+TMPFS=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -35,7 +38,8 @@ while [ $# -gt 0 ]; do
         --variants) VARIANTS=1 ;;
         --out) OUT="${2:-}"; shift ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --tmpfs) TMPFS=1 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,6 +50,8 @@ OUT=${OUT:-$(mktemp -d /tmp/qosmos-orders-bench.XXXXXX)}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
+DATA_ROOT="$OUT"
+if [ "$TMPFS" = 1 ]; then DATA_ROOT=$(mktemp -d /dev/shm/qosmos-orders-bench.XXXXXX); fi
 STORES=4
 if [ "$QUICK" = 1 ]; then
     SECS=3; N_MAX_SEED=600; N_MAX_QOSMOS=4000
@@ -80,7 +86,11 @@ stop_all() {
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     PIDS=()
 }
-trap stop_all EXIT
+cleanup() {
+    stop_all
+    if [ "$TMPFS" = 1 ]; then rm -rf "$DATA_ROOT"; fi
+}
+trap cleanup EXIT
 
 wait_http() { # url, seconds
     local i
@@ -96,13 +106,15 @@ MAXLIFE=600 # no process started here lives longer than this (seconds)
 
 # start_seed DIR SERVER: Mosquitto + the Flask app under SERVER + $STORES store agents
 start_seed() {
-    local dir=$1 server=$2 mport hport ack="acks/+"
+    local dir=$1 server=$2 mport hport ack="acks/+" data
+    data="$DATA_ROOT/${dir#"$OUT"/}"
+    mkdir -p "$data"
     mport=$(free_port); hport=$(free_port)
     cat > "$dir/mosquitto.conf" <<EOF
 listener $mport 127.0.0.1
 allow_anonymous true
 persistence true
-persistence_location $dir/
+persistence_location $data/
 max_queued_messages 0
 set_tcp_nodelay true
 EOF
@@ -110,7 +122,7 @@ EOF
     PIDS+=($!)
     sleep 0.3
     [ "$server" = gunicorn2 ] && ack='$share/seed/acks/+'
-    export MQTT_HOST=127.0.0.1 MQTT_PORT=$mport ORDERS_DB="$dir/orders.sqlite3" ACK_TOPIC="$ack" PORT=$hport
+    export MQTT_HOST=127.0.0.1 MQTT_PORT=$mport ORDERS_DB="$data/orders.sqlite3" ACK_TOPIC="$ack" PORT=$hport
     case "$server" in
         gunicorn)  # what a Flask team deploys: gunicorn, threaded worker; one process,
                    # since Flask-MQTT holds one MQTT connection per process
@@ -138,16 +150,18 @@ EOF
 }
 
 start_qosmos() {
-    local dir=$1 mport hport
+    local dir=$1 mport hport data
+    data="$DATA_ROOT/${dir#"$OUT"/}"
+    mkdir -p "$data"
     mport=$(free_port); hport=$(free_port)
     timeout $MAXLIFE "$QOSMOS" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
-        --data-dir "$dir/serve" > "$dir/serve.log" 2>&1 &
+        --data-dir "$data/serve" > "$dir/serve.log" 2>&1 &
     PIDS+=($!)
     wait_http "http://127.0.0.1:$hport/healthz" 20
     local s
     for s in $(seq 0 $((STORES - 1))); do
         timeout $MAXLIFE "$QOSMOS" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
-            --data-dir "$dir/store-$s" > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
+            --data-dir "$data/store-$s" > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
         PIDS+=($!)
     done
     sleep 1 # store agents subscribed
