@@ -14,7 +14,7 @@ How it runs:
     is late, which shows as an achieved rate below R). ``--rate 0``: as fast as the
     connections allow (closed loop).
   * After its POSTs, each worker reads back its orders with ``GET /api/orders/{id}``
-    (oldest first, waiting 20 ms between tries of an order not yet acknowledged) until
+    (oldest first, waiting 200 ms between tries of an order not yet acknowledged) until
     every one is ``accepted``/``rejected`` or ``--timeout`` passes. Polling happens only
     after the worker's POSTs are all sent, and uses the server's own ack timestamps, so
     its pace does not change the numbers below.
@@ -175,7 +175,7 @@ async def worker_main(a, wid, t0):
                         break
                 if time.time() > deadline:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
 
     await asyncio.gather(*(poller(c) for c in conns))
     for c in conns:
