@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Orders benchmark: POST -> store's ack, the seed's stack (Flask + Flask-MQTT + Mosquitto)
+# next to `qosmos serve` + `qosmos store`, same load generator, same machine.
+#
+# Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
+#
+#   --quick     fewer orders (about a minute in all instead of several)
+#   --only S    run one stack only
+#   --variants  also measure the seed app's max throughput under waitress, the Flask
+#               development server and gunicorn with 2 worker processes
+#   --tmpfs     put both stacks' databases, broker persistence and store journals on
+#               /dev/shm (a diagnostic: fsync becomes free, what is left is CPU)
+#   --out DIR   where logs and results.jsonl go (default: a new directory under /tmp)
+#   --no-build  use target/release/qosmos as it is
+#
+# Every scenario starts its stack fresh (new database, new broker) on free loopback
+# ports and stops it afterwards; each process also runs under `timeout`, so nothing
+# outlives the script. Scenarios, each with S=4 stores:
+#   max      as many orders/s as 2 load processes x 8 keep-alive connections get through
+#   r1000    1,000 orders/s offered (open loop) for D seconds
+#   r100     100 orders/s offered for D seconds
+# Needs: mosquitto (Debian), python3 with .venv from .ci/requirements.txt + gunicorn
+# waitress (created here if missing).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+QUICK=0
+ONLY=both
+VARIANTS=0
+OUT=""
+BUILD=1
+TMPFS=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --only) ONLY="${2:-}"; shift ;;
+        --variants) VARIANTS=1 ;;
+        --out) OUT="${2:-}"; shift ;;
+        --no-build) BUILD=0 ;;
+        --tmpfs) TMPFS=1 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+case "$ONLY" in both|seed|qosmos) ;; *) echo "run.sh: --only seed|qosmos" >&2; exit 2 ;; esac
+
+OUT=${OUT:-$(mktemp -d /tmp/qosmos-orders-bench.XXXXXX)}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+DATA_ROOT="$OUT"
+if [ "$TMPFS" = 1 ]; then DATA_ROOT=$(mktemp -d /dev/shm/qosmos-orders-bench.XXXXXX); fi
+STORES=4
+if [ "$QUICK" = 1 ]; then
+    SECS=3; N_MAX_SEED=600; N_MAX_QOSMOS=4000
+else
+    SECS=8; N_MAX_SEED=2000; N_MAX_QOSMOS=15000
+fi
+
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -r "$ROOT/.ci/requirements.txt" gunicorn waitress
+fi
+PY="$VENV/bin/python"
+QOSMOS="$ROOT/target/release/qosmos"
+if [ "$ONLY" != seed ]; then
+    if [ "$BUILD" = 1 ]; then (cd "$ROOT" && cargo build --release -p qosmos); fi
+    [ -x "$QOSMOS" ] || { echo "run.sh: $QOSMOS missing (cargo build --release -p qosmos)" >&2; exit 1; }
+fi
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+PIDS=()
+stop_all() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        local alive=0
+        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    PIDS=()
+}
+cleanup() {
+    stop_all
+    if [ "$TMPFS" = 1 ]; then rm -rf "$DATA_ROOT"; fi
+}
+trap cleanup EXIT
+
+wait_http() { # url, seconds
+    local i
+    for i in $(seq 1 $(($2 * 10))); do
+        curl -fs -o /dev/null "$1" && return 0
+        sleep 0.1
+    done
+    echo "run.sh: $1 not ready after $2 s" >&2
+    return 1
+}
+
+MAXLIFE=600 # no process started here lives longer than this (seconds)
+
+# start_seed DIR SERVER: Mosquitto + the Flask app under SERVER + $STORES store agents
+start_seed() {
+    local dir=$1 server=$2 mport hport ack="acks/+" data
+    data="$DATA_ROOT/${dir#"$OUT"/}"
+    mkdir -p "$data"
+    mport=$(free_port); hport=$(free_port)
+    cat > "$dir/mosquitto.conf" <<EOF
+listener $mport 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $data/
+max_queued_messages 0
+set_tcp_nodelay true
+EOF
+    timeout $MAXLIFE mosquitto -c "$dir/mosquitto.conf" > "$dir/mosquitto.log" 2>&1 &
+    PIDS+=($!)
+    sleep 0.3
+    [ "$server" = gunicorn2 ] && ack='$share/seed/acks/+'
+    export MQTT_HOST=127.0.0.1 MQTT_PORT=$mport ORDERS_DB="$data/orders.sqlite3" ACK_TOPIC="$ack" PORT=$hport
+    case "$server" in
+        gunicorn)  # what a Flask team deploys: gunicorn, threaded worker; one process,
+                   # since Flask-MQTT holds one MQTT connection per process
+            (cd "$HERE/seed_stack" && exec timeout $MAXLIFE "$VENV/bin/gunicorn" -w 1 -k gthread --threads 8 \
+                -b 127.0.0.1:$hport app:app) > "$dir/app.log" 2>&1 & ;;
+        gunicorn2) # two processes (2 cores), acks through a shared subscription
+            (cd "$HERE/seed_stack" && exec timeout $MAXLIFE "$VENV/bin/gunicorn" -w 2 -k gthread --threads 8 \
+                -b 127.0.0.1:$hport app:app) > "$dir/app.log" 2>&1 & ;;
+        waitress)
+            (cd "$HERE/seed_stack" && exec timeout $MAXLIFE "$VENV/bin/waitress-serve" --threads 8 \
+                --listen 127.0.0.1:$hport app:app) > "$dir/app.log" 2>&1 & ;;
+        dev)       # `app.run(threaded=True)`, the Flask development server
+            (cd "$HERE/seed_stack" && exec timeout $MAXLIFE "$PY" app.py) > "$dir/app.log" 2>&1 & ;;
+    esac
+    PIDS+=($!)
+    local s
+    for s in $(seq 0 $((STORES - 1))); do
+        timeout $MAXLIFE "$PY" "$HERE/seed_stack/store.py" --store-id store-$s --port $mport \
+            > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
+        PIDS+=($!)
+    done
+    wait_http "http://127.0.0.1:$hport/healthz" 20
+    sleep 0.5 # store agents subscribed
+    URL="http://127.0.0.1:$hport"
+}
+
+start_qosmos() {
+    local dir=$1 mport hport data
+    data="$DATA_ROOT/${dir#"$OUT"/}"
+    mkdir -p "$data"
+    mport=$(free_port); hport=$(free_port)
+    timeout $MAXLIFE "$QOSMOS" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
+        --data-dir "$data/serve" > "$dir/serve.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$hport/healthz" 20
+    local s
+    for s in $(seq 0 $((STORES - 1))); do
+        timeout $MAXLIFE "$QOSMOS" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
+            --data-dir "$data/store-$s" > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
+        PIDS+=($!)
+    done
+    sleep 1 # store agents subscribed
+    URL="http://127.0.0.1:$hport"
+}
+
+# scenario STACK LABEL ORDERS RATE
+scenario() {
+    local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s
+    dir="$OUT/$label"
+    mkdir -p "$dir"
+    if [ "$stack" = qosmos ]; then start_qosmos "$dir"; else start_seed "$dir" "$stack"; fi
+    timeout_s=$((n / 50 + 60))
+    echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
+    timeout $((timeout_s + 60)) "$PY" "$HERE/load.py" --url "$URL" --orders "$n" --stores $STORES \
+        --rate "$rate" --conns 8 --procs 2 --timeout $timeout_s \
+        --store-out "$dir/store-*.out" --label "$label" >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true
+    stop_all
+}
+
+if [ "$ONLY" != qosmos ]; then
+    scenario gunicorn seed/max $N_MAX_SEED 0
+    scenario gunicorn seed/r100 $((100 * SECS)) 100
+    scenario gunicorn seed/r1000 $((1000 * SECS)) 1000
+    if [ "$VARIANTS" = 1 ]; then
+        scenario waitress seed-waitress/max $N_MAX_SEED 0
+        scenario gunicorn2 seed-gunicorn-w2/max $N_MAX_SEED 0
+        scenario dev seed-devserver/max $N_MAX_SEED 0
+    fi
+fi
+if [ "$ONLY" != seed ]; then
+    scenario qosmos qosmos/max $N_MAX_QOSMOS 0
+    scenario qosmos qosmos/r100 $((100 * SECS)) 100
+    scenario qosmos qosmos/r1000 $((1000 * SECS)) 1000
+fi
+
+"$PY" "$HERE/table.py" "$RESULTS"
+echo "logs and results: $OUT" >&2
