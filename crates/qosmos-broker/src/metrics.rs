@@ -17,7 +17,7 @@ macro_rules! metrics {
                 let mut out = String::new();
                 $(
                     let help = concat!($(stringify!($doc)),*);
-                    let help = help.trim_start_matches("doc = \"").trim_end_matches('"').trim();
+                    let help = help.trim_start_matches("doc = ").trim_start_matches('r').trim_matches('"').trim();
                     let _ = writeln!(out, "# HELP qosmos_broker_{} {}", stringify!($name), help);
                     let _ = writeln!(out, "# TYPE qosmos_broker_{} {}", stringify!($name), $kind);
                     let _ = writeln!(out, "qosmos_broker_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
@@ -85,5 +85,23 @@ impl Metrics {
     /// Reads a counter.
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn help_lines_are_plain_text() {
+        let text = Metrics::default().render();
+        for line in text.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(!line.contains('"') && !line.contains("doc"), "{line}");
+        }
+        assert!(
+            text.contains(
+                "# HELP qosmos_broker_connections_total Connections accepted since start."
+            )
+        );
     }
 }

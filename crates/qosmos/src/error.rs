@@ -44,8 +44,3 @@ impl fmt::Display for CliError {
 }
 
 impl std::error::Error for CliError {}
-
-/// A command that others will write; it fails at run time, as the contract's exit code 1.
-pub(crate) fn not_implemented(command: &str) -> CliError {
-    CliError::runtime(format!("{command}: not implemented yet"))
-}
