@@ -33,6 +33,7 @@
 mod admin;
 mod config;
 mod connection;
+mod durable;
 mod hub;
 mod metrics;
 mod server;
@@ -42,5 +43,6 @@ mod sys;
 
 pub use admin::{BrokerHandle, ClientInfo, SubscriptionInfo};
 pub use config::{Config, Limits};
+pub use durable::OpenError;
 pub use metrics::Metrics;
 pub use server::{Broker, BrokerError};
