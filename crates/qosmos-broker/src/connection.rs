@@ -263,6 +263,8 @@ struct Conn {
     id: u64,
     session: Arc<Session>,
     client_id: Arc<str>,
+    /// The client identifier as records carry it.
+    client_str: MqttStr,
     version: ProtocolVersion,
     encoder: Encoder,
     waker: Arc<Notify>,
@@ -470,6 +472,7 @@ impl Conn {
             hub,
             id,
             session,
+            client_str: MqttStr::from(&*client_id),
             client_id,
             version: v,
             encoder,
@@ -655,7 +658,7 @@ impl Conn {
                     .ticket_of(packet_id)
                     .and_then(|t| st.message_ids.get(&t).copied());
                 if let Some(message_id) = id {
-                    let client_id = MqttStr::from(&*self.client_id);
+                    let client_id = self.client_str.clone();
                     records.push(if released {
                         Record::Released {
                             client_id,
@@ -727,7 +730,7 @@ impl Conn {
         let id = self.session.lock().message_ids.remove(&ticket);
         if let Some(message_id) = id {
             batch.lazy.push(Record::Delivered {
-                client_id: MqttStr::from(&*self.client_id),
+                client_id: self.client_str.clone(),
                 message_id,
             });
         }
@@ -769,7 +772,7 @@ impl Conn {
                 let res = self.session.lock().incoming.handle_pubrel(&r);
                 if res.is_ok() && self.durable(guard.as_deref()) {
                     batch.records.push(Record::ReleaseDone {
-                        client_id: MqttStr::from(&*self.client_id),
+                        client_id: self.client_str.clone(),
                         packet_id: r.packet_id,
                     });
                 }
@@ -796,7 +799,7 @@ impl Conn {
                     st.expiry_interval = e;
                     if durable && e > 0 {
                         batch.records.push(Record::SessionUpsert {
-                            client_id: MqttStr::from(&*self.client_id),
+                            client_id: self.client_str.clone(),
                             protocol_level: protocol_level(st.version),
                             expiry_interval: e,
                         });
@@ -883,7 +886,7 @@ impl Conn {
             if self.durable(guard.as_deref()) {
                 // Remembered durably before PUBREC: a resend after a crash is not a new message.
                 batch.records.push(Record::AwaitingRelease {
-                    client_id: MqttStr::from(&*self.client_id),
+                    client_id: self.client_str.clone(),
                     packet_id: id,
                 });
             }
@@ -950,7 +953,7 @@ impl Conn {
                 .insert(sub.filter.clone(), opts);
             if durable {
                 batch.records.push(Record::Subscribe {
-                    client_id: MqttStr::from(&*self.client_id),
+                    client_id: self.client_str.clone(),
                     filter: sub.filter.clone(),
                     options: sub.options,
                     subscription_id: id,
@@ -983,7 +986,7 @@ impl Conn {
                         && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
                 {
                     batch.records.push(Record::Enqueue {
-                        client_id: MqttStr::from(&*self.client_id),
+                        client_id: self.client_str.clone(),
                         message_id: mid,
                         qos,
                         retain: true,
@@ -1021,7 +1024,7 @@ impl Conn {
             self.session.lock().subscriptions.remove(f);
             if durable && existed {
                 batch.records.push(Record::Unsubscribe {
-                    client_id: MqttStr::from(&*self.client_id),
+                    client_id: self.client_str.clone(),
                     filter: f.clone(),
                 });
             }
@@ -1110,7 +1113,7 @@ impl Conn {
                     // Owed durably: a restart re-arms it (a persistent session only; a will
                     // cannot outlive its session, see the `min(expiry)` above).
                     let commit = store.submit(vec![Record::WillPending {
-                        client_id: MqttStr::from(&*self.client_id),
+                        client_id: self.client_str.clone(),
                         publish: storable(&p),
                         due_unix_ms: unix_ms_of(due),
                     }]);

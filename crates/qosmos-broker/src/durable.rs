@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::session::{Session, SubOptions};
 use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
 use crate::store::{StoreError, Wal, WalConfig, WalStats};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use qosmos_mqtt::state::Inflight;
 use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
 use std::path::Path;
@@ -183,9 +183,11 @@ impl StoreGuard<'_> {
             return None;
         }
         let mut bytes: Vec<Bytes> = Vec::with_capacity(records.len());
+        // One buffer for the whole batch, split into records without copying.
+        let mut buf = BytesMut::with_capacity(records.len() * 48 + 256);
         for r in records {
-            match r.to_bytes() {
-                Ok(b) => bytes.push(b),
+            match r.encode(&mut buf) {
+                Ok(()) => bytes.push(buf.split().freeze()),
                 Err(e) => {
                     tracing::error!(error = %e, "record not encodable");
                     return Some(Commit::ready(Err(StoreError::Failed {

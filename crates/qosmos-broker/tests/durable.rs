@@ -6,7 +6,11 @@
 
 mod common;
 
-use common::{TestBroker, limits, paho};
+use common::{RawClient, TestBroker, limits, paho};
+use qosmos_mqtt::{
+    Packet, PacketId, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Subscribe,
+    Subscription, SubscriptionOptions,
+};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -189,5 +193,125 @@ async fn the_log_is_compacted() {
         "the session survived compaction"
     );
     assert_eq!(b.handle.subscriptions().len(), 1);
+    b.stop().await;
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: 1.try_into().unwrap(),
+        subscriptions: vec![Subscription {
+            filter: filter.into(),
+            options: SubscriptionOptions::with_qos(qos),
+        }],
+        properties: Default::default(),
+    })
+}
+
+fn publish2(topic: &str, id: u16, payload: &str, dup: bool) -> Packet {
+    let mut p = Publish::new(topic, payload.to_string());
+    p.qos = QoS::ExactlyOnce;
+    p.packet_id = Some(id.try_into().unwrap());
+    p.dup = dup;
+    Packet::Publish(p)
+}
+
+fn pid(v: u16) -> PacketId {
+    v.try_into().unwrap()
+}
+
+/// Every QoS 2 stage survives a restart, in both directions. Towards the subscriber: a PUBLISH
+/// whose PUBREC had come is followed by PUBREL again, and one not yet answered is sent again
+/// with DUP and the same packet id. From the publisher: a packet id whose PUBREL had not come
+/// is still a duplicate (not routed again); once released, the id names a new message.
+#[tokio::test]
+async fn qos2_stages_survive_a_restart_in_both_directions() {
+    const V: ProtocolVersion = ProtocolVersion::V311;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let (mut sub, _) = RawClient::connect(addr, RawClient::connect_packet(V, "rs", false)).await;
+    sub.send(&subscribe("s/#", QoS::ExactlyOnce)).await;
+    assert!(matches!(sub.expect().await, Packet::SubAck(_)));
+    let (mut publ, _) = RawClient::connect(addr, RawClient::connect_packet(V, "rp", false)).await;
+    publ.send(&publish2("s/a", 7, "one", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    publ.send(&publish2("s/a", 8, "two", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(8)));
+    // The subscriber takes "one" (PUBREC, PUBREL comes, no PUBCOMP) and leaves "two" unanswered.
+    let Packet::Publish(one) = sub.expect().await else {
+        panic!("PUBLISH one")
+    };
+    assert_eq!(&one.payload[..], b"one");
+    let a = one.packet_id.unwrap();
+    let Packet::Publish(two) = sub.expect().await else {
+        panic!("PUBLISH two")
+    };
+    assert_eq!(&two.payload[..], b"two");
+    let bid = two.packet_id.unwrap();
+    sub.send(&Packet::PubRec(PubRec::new(a))).await;
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == a));
+    drop(sub);
+    drop(publ);
+    b.wait_connected("rs", false).await;
+    b.wait_connected("rp", false).await;
+    b.stop().await;
+
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let (mut sub, ack) = RawClient::connect(addr, RawClient::connect_packet(V, "rs", false)).await;
+    assert!(ack.session_present);
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == a));
+    let Packet::Publish(again) = sub.expect().await else {
+        panic!("PUBLISH two again")
+    };
+    assert_eq!(
+        (again.packet_id, again.dup, &again.payload[..]),
+        (Some(bid), true, &b"two"[..])
+    );
+    sub.send(&Packet::PubComp(PubComp::new(a))).await;
+    sub.send(&Packet::PubRec(PubRec::new(bid))).await;
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == bid));
+    sub.send(&Packet::PubComp(PubComp::new(bid))).await;
+
+    let (mut publ, ack) = RawClient::connect(addr, RawClient::connect_packet(V, "rp", false)).await;
+    assert!(ack.session_present);
+    // A resend of 7: answered, not routed again.
+    publ.send(&publish2("s/a", 7, "one", true)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    publ.send(&Packet::PubRel(PubRel::new(pid(7)))).await;
+    assert!(matches!(publ.expect().await, Packet::PubComp(c) if c.packet_id == pid(7)));
+    // Released: 7 is a new message now.
+    publ.send(&publish2("s/a", 7, "three", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    let Packet::Publish(three) = sub.expect().await else {
+        panic!("PUBLISH three")
+    };
+    assert_eq!(&three.payload[..], b"three", "one was not delivered twice");
+    assert!(!three.dup);
+    b.stop().await;
+}
+
+/// A will with a delay, owed when the broker stopped, is published after the restart.
+#[tokio::test]
+async fn a_pending_delayed_will_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "w", "clean": true,
+                "connect_props": {"SessionExpiryInterval": 60},
+                "will": {"topic": "w/x", "payload": "gone", "qos": 1, "retain": false,
+                         "props": {"WillDelayInterval": 2}},
+                "steps": [{"abort": true}]}),
+    )
+    .await;
+    b.wait_connected("w", false).await;
+    b.stop().await;
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "watch", "clean": true,
+                        "steps": [{"sub": [["w/#", 1]]}, {"expect": 1, "timeout": 10}]}),
+    )
+    .await;
+    assert_eq!(payloads(&r), vec!["gone".to_string()]);
     b.stop().await;
 }
