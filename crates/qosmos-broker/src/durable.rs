@@ -106,13 +106,19 @@ impl Store {
             "durable state recovered"
         );
         let state = mirror.clone();
-        let len = wal.len_bytes();
+        // What a compaction would write now: the log may grow to 4× that before one.
+        let live: u64 = mirror
+            .snapshot()
+            .iter()
+            .filter_map(|r| r.to_bytes().ok())
+            .map(|b| b.len() as u64 + 8)
+            .sum();
         let store = Store {
             wal,
             inner: Mutex::new(Inner {
                 mirror,
                 next_message_id: max_id + 1,
-                last_snapshot_bytes: len,
+                last_snapshot_bytes: live.max(1),
                 compacting_until: 0,
             }),
             compact_min_bytes,

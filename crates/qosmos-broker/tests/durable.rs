@@ -315,3 +315,50 @@ async fn a_pending_delayed_will_survives_a_restart() {
     assert_eq!(payloads(&r), vec!["gone".to_string()]);
     b.stop().await;
 }
+
+/// A full offline queue drops what does not fit, counted (metric and per client), and the store
+/// forgets the dropped messages too: after a restart exactly what was queued is delivered.
+#[tokio::test]
+async fn queue_overflow_is_counted_and_not_resurrected_by_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let small = || qosmos_broker::Limits {
+        max_queued_messages: 5,
+        ..limits()
+    };
+    let b = TestBroker::start_durable(addr, dir.path(), small()).await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "slow", "clean": false,
+                "steps": [{"sub": [["q/#", 1]]}, {"disconnect": null}]}),
+    )
+    .await;
+    let steps: Vec<Value> = (0..10)
+        .map(|i| json!({"pub": "q/x", "payload": format!("m{i}"), "qos": 1}))
+        .chain([json!({"disconnect": null})])
+        .collect();
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "p", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    assert_eq!(b.metric("messages_dropped_queue_full"), 5);
+    let slow = b
+        .handle
+        .clients()
+        .into_iter()
+        .find(|c| c.client_id == "slow")
+        .unwrap();
+    assert_eq!(slow.dropped, 5);
+    b.stop().await;
+    // Restarted with room to spare: what was dropped must not come back.
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "slow", "clean": false,
+                        "steps": [{"expect": 5, "timeout": 10}, {"quiet": 0.5},
+                                  {"disconnect": null}]}),
+    )
+    .await;
+    let want: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&r), want);
+    b.stop().await;
+}
