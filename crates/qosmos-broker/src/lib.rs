@@ -54,6 +54,9 @@
 //!   replayed into memory at start and mirrored there for compaction.
 //! - A message routed to a session at the moment that session is replaced by a clean start
 //!   may, after a crash, be owed to the new session.
+//! - Expiry is checked against the clock only in memory: a retained message that expired stays
+//!   in the log (and in compactions) until its topic is set again, and is skipped at start; a
+//!   session's expiry counts from the last start, not from its disconnection.
 //! - Authentication and authorization (every client is allowed; enhanced authentication is
 //!   refused), TLS and WebSocket listeners, outgoing topic aliases (allowed by the
 //!   specification: the broker never needs to send them), clustering (use EMQX, VerneMQ or
