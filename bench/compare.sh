@@ -4,6 +4,7 @@
 # broker's peak memory (VmHWM), with the qosmos/Mosquitto ratio.
 #
 # Usage: bench/compare.sh [--quick] [--only mosquitto|qosmos] [--nodelay] [--out DIR] [--no-build]
+#        bench/compare.sh --durable [--quick] [--out DIR] [--no-build]
 #
 #   --quick      QoS 0/1/2 x {fan-in, fan-out, pairs, steady} at 64 B only, 1/5 of the messages,
 #                2,000 idle connections instead of 10,000.
@@ -12,6 +13,9 @@
 #                Nagle's algorithm then adds ~40 ms to deliveries at low rates).
 #   --out DIR    where logs and results.tsv go (default: a new directory under /tmp).
 #   --no-build   use target/release/qosmos as it is.
+#   --durable    durability instead: QoS 1 and 2 with persistent sessions (--session-expiry)
+#                against qosmos in memory, qosmos --data-dir with --fsync always|batch|never,
+#                and Mosquitto with persistence true; msgs/s and the ratio to in-memory.
 #
 # Every broker is started fresh for every scenario, on a free loopback port, so each peak
 # memory figure belongs to one scenario. Mosquitto runs with its defaults except
@@ -25,6 +29,7 @@ QUICK=0
 ONLY=both
 OUT=""
 BUILD=1
+DURABLE=0
 MOSQUITTO_EXTRA=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -41,8 +46,9 @@ while [ $# -gt 0 ]; do
         --out=*) OUT="${1#--out=}" ;;
         --no-build) BUILD=0 ;;
         --nodelay) MOSQUITTO_EXTRA="set_tcp_nodelay true" ;;
+        --durable) DURABLE=1 ;;
         -h | --help)
-            sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -121,6 +127,19 @@ start_broker() {
             qosmos)
                 "$BIN" broker --mqtt "127.0.0.1:$PORT" --log-level warn >>"$OUT/qosmos-broker.log" 2>&1 &
                 ;;
+            qosmos-always | qosmos-batch | qosmos-never)
+                # A fresh data directory per run.
+                rm -rf "$OUT/data-$1"
+                "$BIN" broker --mqtt "127.0.0.1:$PORT" --log-level warn --data-dir "$OUT/data-$1" \
+                    --fsync "${1#qosmos-}" >>"$OUT/qosmos-broker.log" 2>&1 &
+                ;;
+            mosquitto-persist)
+                rm -rf "$OUT/mosquitto-data"
+                mkdir -p "$OUT/mosquitto-data"
+                printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\n%s\n' \
+                    "$PORT" "$OUT/mosquitto-data" "$MOSQUITTO_EXTRA" >"$OUT/mosquitto.conf"
+                "$MOSQUITTO" -c "$OUT/mosquitto.conf" >>"$OUT/mosquitto.log" 2>&1 &
+                ;;
         esac
         BROKER_PID=$!
         for _ in $(seq 200); do
@@ -182,6 +201,17 @@ shape_args() { # SHAPE DELIVERIES
     esac
 }
 
+BENCH_EXTRA=""
+if [ "$DURABLE" = 1 ]; then
+    # Persistent sessions, so that a durable broker stores every message and QoS 2 stage.
+    BROKERS="qosmos qosmos-always qosmos-batch qosmos-never mosquitto-persist"
+    [ -n "$MOSQUITTO" ] || BROKERS="qosmos qosmos-always qosmos-batch qosmos-never"
+    QOSES="1 2"
+    PAYLOADS="64"
+    SHAPES="fan-in pairs steady"
+    BENCH_EXTRA="--session-expiry 3600"
+fi
+
 RESULTS="$OUT/results.tsv"
 printf 'broker\tscenario\tqos\tpayload\tmsgs_per_sec\tp50_ms\tp99_ms\tlost\tpeak_rss_kb\n' >"$RESULTS"
 
@@ -191,7 +221,7 @@ run_scenario() { # BROKER SHAPE QOS PAYLOAD
     start_broker "$b"
     # shellcheck disable=SC2086
     json=$("$BIN" bench --broker "mqtt://127.0.0.1:$PORT" --qos "$qos" --payload "$payload" \
-        $args --timeout 5 --json 2>>"$OUT/bench-$b.log" | tail -1) || json="{}"
+        $args $BENCH_EXTRA --timeout 5 --json 2>>"$OUT/bench-$b.log" | tail -1) || json="{}"
     hwm=$(status_kb VmHWM)
     stop_broker
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$shape" "$qos" "$payload" \
@@ -232,6 +262,35 @@ for qos in $QOSES; do
         done
     done
 done
+if [ "$DURABLE" = 1 ]; then
+    # One row per scenario: msgs/s (lost) per broker, and each durable qosmos over in-memory.
+    awk -F'\t' '
+    NR == 1 { next }
+    {
+        key = $2 "\t" $3 "\t" $4
+        if (!(key in seen)) { seen[key] = 1; order[n++] = key }
+        v[$1, key] = $5; l[$1, key] = $8
+    }
+    function r(a, b) { return (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+    END {
+        split("qosmos qosmos-always qosmos-batch qosmos-never mosquitto-persist", bs, " ")
+        print "| scenario | QoS | qosmos in memory | --fsync always | --fsync batch | --fsync never | Mosquitto persistence true | always / memory | batch / memory | never / memory |"
+        print "|---|---|---|---|---|---|---|---|---|---|"
+        for (i = 0; i < n; i++) {
+            k = order[i]; split(k, p, "\t")
+            line = "| " p[1] " | " p[2]
+            for (j = 1; j <= 5; j++) {
+                c = v[bs[j], k]
+                if (l[bs[j], k] ~ /^[1-9]/) c = c " (lost " l[bs[j], k] ")"
+                line = line " | " c
+            }
+            for (j = 2; j <= 4; j++) line = line " | " r(v[bs[j], k], v["qosmos", k])
+            print line " |"
+        }
+    }' "$RESULTS" | tee "$OUT/table.md"
+    exit 0
+fi
+
 for b in $BROKERS; do
     run_idle "$b"
 done

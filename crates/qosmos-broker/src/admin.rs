@@ -118,9 +118,39 @@ impl BrokerHandle {
         out
     }
 
-    /// The metrics in the Prometheus text format.
+    /// The metrics in the Prometheus text format, with the write-ahead log's when durable.
     pub fn metrics(&self) -> String {
-        self.hub.metrics.render()
+        let mut out = self.hub.metrics.render();
+        if let Some((len, s)) = self.store_stats() {
+            use std::fmt::Write;
+            for (name, kind, help, v) in [
+                (
+                    "wal_bytes",
+                    "gauge",
+                    "Size of the write-ahead log file.",
+                    len,
+                ),
+                ("wal_commits", "counter", "Group commits written.", s.writes),
+                ("wal_fsyncs", "counter", "fdatasync calls made.", s.fsyncs),
+                ("wal_records", "counter", "Records appended.", s.records),
+                (
+                    "wal_compactions",
+                    "counter",
+                    "Compactions completed.",
+                    s.compactions,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP qosmos_broker_{name} {help}");
+                let _ = writeln!(out, "# TYPE qosmos_broker_{name} {kind}");
+                let _ = writeln!(out, "qosmos_broker_{name} {v}");
+            }
+        }
+        out
+    }
+
+    /// The write-ahead log's size in bytes and counters, when the broker is durable.
+    pub fn store_stats(&self) -> Option<(u64, crate::store::WalStats)> {
+        self.hub.store.as_ref().map(|s| (s.len_bytes(), s.stats()))
     }
 
     /// The admin API as an axum router, to serve alone or merge into another app.

@@ -1,5 +1,6 @@
 //! Broker configuration and limits.
 
+use crate::store::FsyncPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,8 +56,14 @@ pub struct Config {
     pub mqtt_addr: SocketAddr,
     /// The admin HTTP API (`/api/broker/*`, `/metrics`, `/healthz`), if wanted.
     pub http_addr: Option<SocketAddr>,
-    /// Where durable state lives; `None` keeps everything in memory.
+    /// Where durable state lives; `None` keeps everything in memory. With a directory, the
+    /// broker acknowledges (PUBACK, PUBREC, SUBACK) only what its write-ahead log holds.
     pub data_dir: Option<PathBuf>,
+    /// When the write-ahead log syncs (with `data_dir` only). Every policy survives SIGKILL;
+    /// only [`FsyncPolicy::Always`] and [`FsyncPolicy::Batch`] survive power loss.
+    pub fsync: FsyncPolicy,
+    /// The log is compacted once it is larger than this and than 4× its last snapshot.
+    pub compact_min_bytes: u64,
     /// Limits.
     pub limits: Limits,
 }
@@ -67,6 +74,8 @@ impl Default for Config {
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
             http_addr: None,
             data_dir: None,
+            fsync: FsyncPolicy::Always,
+            compact_min_bytes: 64 << 20,
             limits: Limits::default(),
         }
     }

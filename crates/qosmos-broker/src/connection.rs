@@ -2,18 +2,20 @@
 //! to the session's state machines and the router, and writes whatever they produce.
 
 use crate::config::Limits;
-use crate::hub::Hub;
+use crate::durable::{StoreGuard, storable, unix_ms_of};
+use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
 use crate::session::{Connection, Session, SessionState, SubOptions};
+use crate::store::Record;
 use bytes::BytesMut;
 use qosmos_mqtt::state::{
     AckMode, Incoming, IncomingConfig, KeepAlive, KeepAliveAction, Outgoing, OutgoingConfig,
-    StateError,
+    StateError, Ticket,
 };
 use qosmos_mqtt::{
     ConnAck, Connect, DecodeError, Decoder, Disconnect, Encoder, LastWill, MqttStr, Packet,
-    Properties, PropertyId, ProtocolVersion, PubRel, Publish, ReasonCode, RetainHandling, Role,
-    SubAck, Subscribe, UnsubAck, Unsubscribe,
+    PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
+    RetainHandling, Role, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +48,44 @@ enum End {
 impl End {
     fn publishes_will(self) -> bool {
         !matches!(self, End::Normal)
+    }
+}
+
+/// What one read's packets change and promise: the records to make durable, then the replies
+/// and deliveries that may go out only once they are.
+#[derive(Default)]
+struct Batch {
+    /// Records that must be durable before any of `post` runs.
+    records: Vec<Record>,
+    /// Records whose loss costs at most a resend (`Delivered`): appended, not awaited.
+    lazy: Vec<Record>,
+    /// What to do once `records` are durable, in packet order.
+    post: Vec<Post>,
+}
+
+/// One step of a [`Batch`] after its commit.
+enum Post {
+    /// Send a packet (after the replies queued before it).
+    Send(Packet),
+    /// Hand a routed message to its subscribers, then acknowledge it.
+    Publish {
+        routed: Routed,
+        ack: Option<(PacketId, ReasonCode)>,
+    },
+    /// Acknowledge a PUBLISH with this code.
+    Ack(PacketId, ReasonCode),
+    /// Deliver retained messages after a SUBACK: message, QoS, durable id.
+    Retained {
+        messages: Vec<(Publish, QoS, Option<u64>)>,
+        ids: Vec<u32>,
+    },
+}
+
+/// The protocol level byte of a version, as the store records it.
+pub(crate) fn protocol_level(v: ProtocolVersion) -> u8 {
+    match v {
+        ProtocolVersion::V311 => 4,
+        ProtocolVersion::V5 => 5,
     }
 }
 
@@ -110,10 +150,34 @@ fn sniff_level(buf: &[u8]) -> Option<u8> {
 }
 
 /// How a session's outgoing queue is limited.
-fn outgoing_config(limits: &Limits) -> OutgoingConfig {
+pub(crate) fn outgoing_config(limits: &Limits) -> OutgoingConfig {
     OutgoingConfig::default()
         .max_pending(limits.max_queued_messages)
         .max_pending_bytes(limits.max_queued_bytes)
+}
+
+/// A new session's state, disconnected and empty.
+pub(crate) fn new_session_state(limits: &Limits, v: ProtocolVersion, expiry: u32) -> SessionState {
+    SessionState {
+        version: v,
+        outgoing: Outgoing::new(outgoing_config(limits)),
+        incoming: Incoming::new(
+            v,
+            IncomingConfig::default()
+                .receive_maximum(limits.receive_maximum)
+                .ack_mode(AckMode::Manual),
+        ),
+        subscriptions: Default::default(),
+        connection: None,
+        expiry_interval: expiry,
+        disconnected_at: None,
+        client_max_packet_size: u32::MAX,
+        dropped: 0,
+        keep_alive: 0,
+        clean_start: false,
+        expiring: Default::default(),
+        message_ids: Default::default(),
+    }
 }
 
 /// Serves one accepted connection to its end.
@@ -199,6 +263,8 @@ struct Conn {
     id: u64,
     session: Arc<Session>,
     client_id: Arc<str>,
+    /// The client identifier as records carry it.
+    client_str: MqttStr,
     version: ProtocolVersion,
     encoder: Encoder,
     waker: Arc<Notify>,
@@ -279,75 +345,95 @@ impl Conn {
             peer: peer.to_string(),
         };
 
-        // Take the session over from another connection, or end it for a clean start.
-        let existing = hub.sessions().get(&client_id).cloned();
-        let mut resumed = None;
-        if let Some(s) = existing {
-            let mut st = s.lock();
-            if let Some(old) = st.connection.take() {
-                Metrics::inc(&hub.metrics.session_takeovers);
-                tracing::info!(client = %client_id, old = %old.peer, new = %peer, "session taken over");
-                old.waker.notify_one();
-                st.outgoing.on_disconnect();
-                st.incoming.on_disconnect();
-            }
-            let expired = match (st.disconnected_at, st.expiry_interval) {
-                (_, u32::MAX) | (None, _) => false,
-                (Some(at), secs) => at.elapsed() >= Duration::from_secs(u64::from(secs)),
-            };
-            let reuse = !c.clean_start && !expired;
-            drop(st);
-            if reuse {
-                resumed = Some(s);
-            } else {
-                hub.discard_session(&s);
-            }
-        }
-        let session_present = resumed.is_some();
-        let session = match resumed {
-            Some(s) => s,
-            None => {
-                let state = SessionState {
-                    version: v,
-                    outgoing: Outgoing::new(outgoing_config(limits)),
-                    incoming: Incoming::new(
-                        v,
-                        IncomingConfig::default()
-                            .receive_maximum(limits.receive_maximum)
-                            .ack_mode(AckMode::Manual),
-                    ),
-                    subscriptions: Default::default(),
-                    connection: None,
-                    expiry_interval: expiry,
-                    disconnected_at: None,
-                    client_max_packet_size,
-                    dropped: 0,
-                    keep_alive,
-                    clean_start: c.clean_start,
-                    expiring: Default::default(),
+        // Take the session over from another connection, or end it for a clean start; under
+        // the store lock, so that the records say the same in the same order.
+        let (session, session_present, commit) = {
+            let mut guard = hub.store.as_ref().map(|s| s.lock());
+            let mut records = Vec::new();
+            let existing = hub.sessions().get(&client_id).cloned();
+            let mut resumed = None;
+            if let Some(s) = existing {
+                let mut st = s.lock();
+                if let Some(old) = st.connection.take() {
+                    Metrics::inc(&hub.metrics.session_takeovers);
+                    tracing::info!(client = %client_id, old = %old.peer, new = %peer, "session taken over");
+                    old.waker.notify_one();
+                    st.outgoing.on_disconnect();
+                    st.incoming.on_disconnect();
+                }
+                let expired = match (st.disconnected_at, st.expiry_interval) {
+                    (_, u32::MAX) | (None, _) => false,
+                    (Some(at), secs) => at.elapsed() >= Duration::from_secs(u64::from(secs)),
                 };
-                let s = Arc::new(Session::new(client_id.clone(), state));
-                hub.sessions().insert(client_id.clone(), s.clone());
-                s
+                let reuse = !c.clean_start && !expired;
+                drop(st);
+                if reuse {
+                    resumed = Some(s);
+                } else {
+                    hub.discard_session_locked(&s, guard.as_mut(), &mut records);
+                }
             }
+            let session_present = resumed.is_some();
+            let session = match resumed {
+                Some(s) => s,
+                None => {
+                    let state = new_session_state(limits, v, expiry);
+                    let s = Arc::new(Session::new(client_id.clone(), state));
+                    hub.sessions().insert(client_id.clone(), s.clone());
+                    s
+                }
+            };
+            {
+                let mut st = session.lock();
+                st.version = v;
+                st.expiry_interval = expiry;
+                st.disconnected_at = None;
+                st.client_max_packet_size = client_max_packet_size;
+                st.keep_alive = keep_alive;
+                st.clean_start = c.clean_start;
+                st.connection = Some(connection);
+                st.outgoing.set_receive_maximum(client_receive_maximum);
+                let (expired, expired_ids) =
+                    st.expire_pending(outgoing_config(limits), Instant::now());
+                hub.metrics
+                    .messages_expired
+                    .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+                for message_id in expired_ids {
+                    records.push(Record::Delivered {
+                        client_id: MqttStr::from(&*client_id),
+                        message_id,
+                    });
+                }
+                // Redelivery of unacknowledged messages happens here, with DUP [MQTT-4.4.0-1].
+                let _ = st.outgoing.resume(session_present);
+                st.incoming.resume(session_present);
+            }
+            if let Some(g) = guard.as_mut() {
+                if expiry > 0 {
+                    // Also a barrier: everything submitted before (the `Sent` and `Released`
+                    // records of the redeliveries just queued) is durable once it is.
+                    records.push(Record::SessionUpsert {
+                        client_id: MqttStr::from(&*client_id),
+                        protocol_level: protocol_level(v),
+                        expiry_interval: expiry,
+                    });
+                }
+                if g.has_will(&client_id) {
+                    // A delayed will is cancelled by the client coming back [MQTT-3.1.3-9].
+                    records.push(Record::WillDone {
+                        client_id: MqttStr::from(&*client_id),
+                    });
+                }
+            }
+            let commit = guard.as_mut().and_then(|g| g.submit(records));
+            (session, session_present, commit)
         };
-        {
-            let mut st = session.lock();
-            st.version = v;
-            st.expiry_interval = expiry;
-            st.disconnected_at = None;
-            st.client_max_packet_size = client_max_packet_size;
-            st.keep_alive = keep_alive;
-            st.clean_start = c.clean_start;
-            st.connection = Some(connection);
-            st.outgoing.set_receive_maximum(client_receive_maximum);
-            let expired = st.expire_pending(outgoing_config(limits), Instant::now());
-            hub.metrics
-                .messages_expired
-                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
-            // Redelivery of unacknowledged messages happens here, with DUP [MQTT-4.4.0-1].
-            let _ = st.outgoing.resume(session_present);
-            st.incoming.resume(session_present);
+        if let Some(commit) = commit {
+            if let Err(e) = commit.await {
+                tracing::error!(client = %client_id, error = %e, "the write-ahead log failed: refusing the connection");
+                let _ = write_packet(wr, v, &refuse(ReasonCode::SERVER_UNAVAILABLE)).await;
+                return None;
+            }
         }
 
         let mut props = Properties::new();
@@ -386,6 +472,7 @@ impl Conn {
             hub,
             id,
             session,
+            client_str: MqttStr::from(&*client_id),
             client_id,
             version: v,
             encoder,
@@ -407,14 +494,8 @@ impl Conn {
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         loop {
-            if !self.collect_output() {
-                return End::TakenOver;
-            }
-            if !self.wbuf.is_empty() {
-                if wr.write_all(&self.wbuf).await.is_err() {
-                    return End::Lost;
-                }
-                self.wbuf.clear();
+            if let Err(end) = self.flush(wr).await {
+                return end;
             }
             let deadline = self.keep_alive.poll_timeout();
             let sleep = async {
@@ -426,7 +507,7 @@ impl Conn {
             rbuf.reserve(8192);
             tokio::select! {
                 _ = shutdown.changed() => {
-                    self.send_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
+                    self.encode_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
                     let _ = wr.write_all(&self.wbuf).await;
                     return End::Shutdown;
                 }
@@ -436,29 +517,11 @@ impl Conn {
                         Ok(_) => {}
                     }
                     self.keep_alive.handle_received(Instant::now());
-                    loop {
-                        match decoder.decode(&mut rbuf) {
-                            Ok(Some(p)) => {
-                                if let Some(end) = self.handle(p) {
-                                    let _ = wr.write_all(&self.wbuf).await;
-                                    return end;
-                                }
-                                // Queue this packet's acknowledgement now, so that if a later
-                                // packet in the same read ends the connection, the PUBACK /
-                                // PUBREC for the messages already routed still goes out before
-                                // the DISCONNECT (else the client would send them again).
-                                if !self.collect_output() {
-                                    return End::TakenOver;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
-                                self.send_disconnect(e.reason_code());
-                                let _ = wr.write_all(&self.wbuf).await;
-                                return End::ProtocolError(e.reason_code());
-                            }
-                        }
+                    if let Some(end) = self.handle_read(&mut rbuf, &mut decoder).await {
+                        // The acknowledgements of what was handled before the end still go
+                        // out before any DISCONNECT (else the client would send them again).
+                        let _ = self.flush(wr).await;
+                        return end;
                     }
                 }
                 _ = self.waker.notified() => {}
@@ -466,7 +529,7 @@ impl Conn {
                     if self.keep_alive.handle_timeout(Instant::now()) == KeepAliveAction::Expired {
                         Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
                         tracing::info!(client = %self.client_id, "keep alive expired");
-                        self.send_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                        self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                         let _ = wr.write_all(&self.wbuf).await;
                         return End::KeepAlive;
                     }
@@ -475,13 +538,104 @@ impl Conn {
         }
     }
 
-    /// Moves what the session's state machines want to send into the write buffer. False when
-    /// the session belongs to another connection now.
-    fn collect_output(&mut self) -> bool {
+    /// Handles every packet of one read as one batch: each packet's state change and records
+    /// under the store lock, one append for them all, and once it is durable the replies and
+    /// deliveries in packet order. `Some` ends the connection.
+    async fn handle_read(&mut self, rbuf: &mut BytesMut, decoder: &mut Decoder) -> Option<End> {
+        let mut batch = Batch::default();
+        let hub = self.hub.clone();
+        let (end, commit) = {
+            let mut guard = hub.store.as_ref().map(|s| s.lock());
+            let mut end = None;
+            loop {
+                match decoder.decode(rbuf) {
+                    Ok(Some(p)) => {
+                        if let Some(e) = self.handle(p, guard.as_mut(), &mut batch) {
+                            end = Some(e);
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
+                        self.send_disconnect(&mut batch, e.reason_code());
+                        end = Some(End::ProtocolError(e.reason_code()));
+                        break;
+                    }
+                }
+            }
+            let must_wait = !batch.records.is_empty();
+            let mut records = std::mem::take(&mut batch.records);
+            records.append(&mut batch.lazy);
+            let commit = guard.as_mut().and_then(|g| g.submit(records));
+            (end, commit.filter(|_| must_wait))
+        };
+        if let Some(commit) = commit {
+            if let Err(e) = commit.await {
+                tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
+                self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
+                return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
+            }
+        }
+        for post in batch.post {
+            self.run_post(post);
+        }
+        end
+    }
+
+    /// What a batch does once its records are durable.
+    fn run_post(&mut self, post: Post) {
+        match post {
+            Post::Send(p) => {
+                self.drain_incoming();
+                self.encode(&p);
+            }
+            Post::Publish { routed, ack } => {
+                self.hub.dispatch(routed);
+                if let Some((id, code)) = ack {
+                    self.ack(id, code);
+                }
+            }
+            Post::Ack(id, code) => self.ack(id, code),
+            Post::Retained { messages, ids } => {
+                for (m, qos, message_id) in messages {
+                    self.hub
+                        .deliver(&self.session, &m, qos, true, &ids, message_id);
+                }
+            }
+        }
+    }
+
+    /// Moves pending output into the write buffer, makes durable what it promises (QoS 2
+    /// PUBLISH: `Sent`; PUBREL: `Released`), and writes it. Errs with the connection's end.
+    async fn flush(&mut self, wr: &mut OwnedWriteHalf) -> Result<(), End> {
+        let (owned, records) = self.collect_output();
+        if let (Some(store), false) = (&self.hub.store, records.is_empty()) {
+            if let Some(commit) = store.submit(records) {
+                if let Err(e) = commit.await {
+                    tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection");
+                    return Err(End::Lost);
+                }
+            }
+        }
+        if !self.wbuf.is_empty() {
+            if wr.write_all(&self.wbuf).await.is_err() {
+                return Err(End::Lost);
+            }
+            self.wbuf.clear();
+        }
+        if owned { Ok(()) } else { Err(End::TakenOver) }
+    }
+
+    /// Moves what the session's state machines want to send into the write buffer, with the
+    /// records that must be durable before it is written. False when the session belongs to
+    /// another connection now (then nothing is moved).
+    fn collect_output(&mut self) -> (bool, Vec<Record>) {
         let session = self.session.clone();
         let mut st = session.lock();
+        let mut records = Vec::new();
         if st.connection.as_ref().map(|c| c.id) != Some(self.id) {
-            return false;
+            return (false, records);
         }
         while let Some(p) = st.incoming.poll_transmit() {
             self.encode(&p);
@@ -490,6 +644,36 @@ impl Conn {
             st.expiring.clear(); // nothing queued can expire any more
         }
         while let Some(p) = st.outgoing.poll_transmit() {
+            let durable = match &p {
+                // A resend (DUP) reuses the packet id its `Sent` record already holds.
+                Packet::Publish(pb) if pb.qos == QoS::ExactlyOnce && !pb.dup => {
+                    pb.packet_id.map(|pid| (pid, false))
+                }
+                Packet::PubRel(r) => Some((r.packet_id, true)),
+                _ => None,
+            };
+            if let Some((packet_id, released)) = durable {
+                let id = st
+                    .outgoing
+                    .ticket_of(packet_id)
+                    .and_then(|t| st.message_ids.get(&t).copied());
+                if let Some(message_id) = id {
+                    let client_id = self.client_str.clone();
+                    records.push(if released {
+                        Record::Released {
+                            client_id,
+                            message_id,
+                            packet_id,
+                        }
+                    } else {
+                        Record::Sent {
+                            client_id,
+                            message_id,
+                            packet_id,
+                        }
+                    });
+                }
+            }
             if let Packet::Publish(pb) = &p {
                 if !pb.dup {
                     Metrics::inc(&self.hub.metrics.messages_sent);
@@ -497,7 +681,20 @@ impl Conn {
             }
             self.encode(&p);
         }
-        true
+        (true, records)
+    }
+
+    /// Moves the incoming side's replies (PUBACK, PUBREC, PUBCOMP) into the write buffer, so
+    /// that what follows them is written after them.
+    fn drain_incoming(&mut self) {
+        let session = self.session.clone();
+        let mut st = session.lock();
+        if st.connection.as_ref().map(|c| c.id) != Some(self.id) {
+            return;
+        }
+        while let Some(p) = st.incoming.poll_transmit() {
+            self.encode(&p);
+        }
     }
 
     fn encode(&mut self, p: &Packet) {
@@ -506,49 +703,107 @@ impl Conn {
         }
     }
 
-    fn send_disconnect(&mut self, code: ReasonCode) {
+    /// A DISCONNECT (5.0) straight into the write buffer.
+    fn encode_disconnect(&mut self, code: ReasonCode) {
         if self.version == ProtocolVersion::V5 {
             self.encode(&Packet::Disconnect(Disconnect::new(code)));
         }
     }
 
+    /// A DISCONNECT (5.0) after the batch's other replies.
+    fn send_disconnect(&mut self, batch: &mut Batch, code: ReasonCode) {
+        if self.version == ProtocolVersion::V5 {
+            batch
+                .post
+                .push(Post::Send(Packet::Disconnect(Disconnect::new(code))));
+        }
+    }
+
+    /// Whether this session's state is in the durable store.
+    fn durable(&self, guard: Option<&StoreGuard<'_>>) -> bool {
+        guard.is_some_and(|g| g.has_session(&self.client_id))
+            && self.session.lock().expiry_interval > 0
+    }
+
+    /// The `Delivered` record for a completed outgoing exchange, if the store knows it.
+    fn completed(&mut self, batch: &mut Batch, ticket: Ticket) {
+        let id = self.session.lock().message_ids.remove(&ticket);
+        if let Some(message_id) = id {
+            batch.lazy.push(Record::Delivered {
+                client_id: self.client_str.clone(),
+                message_id,
+            });
+        }
+    }
+
     /// Handles one packet; `Some` ends the connection.
-    fn handle(&mut self, p: Packet) -> Option<End> {
+    fn handle(
+        &mut self,
+        p: Packet,
+        guard: Option<&mut StoreGuard<'_>>,
+        batch: &mut Batch,
+    ) -> Option<End> {
         match p {
-            Packet::Publish(p) => return self.handle_publish(p),
+            Packet::Publish(p) => return self.handle_publish(p, guard, batch),
             Packet::PubAck(a) => {
-                let r = self.session.lock().outgoing.handle_puback(&a).map(|_| ());
-                return self.state_result(r);
+                let r = self.session.lock().outgoing.handle_puback(&a);
+                let r = r.map(|c| self.completed(batch, c.ticket));
+                return self.state_result(batch, r);
             }
             Packet::PubRec(r) => {
-                let res = self.session.lock().outgoing.handle_pubrec(&r).map(|_| ());
+                let res = self.session.lock().outgoing.handle_pubrec(&r);
                 if let Err(StateError::PacketIdNotFound { .. }) = res {
                     let mut rel = PubRel::new(r.packet_id);
                     rel.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
-                    self.encode(&Packet::PubRel(rel));
+                    batch.post.push(Post::Send(Packet::PubRel(rel)));
                     return None;
                 }
-                return self.state_result(res);
+                let res = res.map(|c| {
+                    if let Some(c) = c {
+                        self.completed(batch, c.ticket);
+                    }
+                });
+                return self.state_result(batch, res);
             }
             Packet::PubRel(r) => {
+                // The PUBCOMP waits in `incoming` until the batch's records are durable: were
+                // it sent before `ReleaseDone`, a crash would make the client's next message
+                // with this packet id look like a resend, and it would be lost.
                 let res = self.session.lock().incoming.handle_pubrel(&r);
-                return self.state_result(res);
+                if res.is_ok() && self.durable(guard.as_deref()) {
+                    batch.records.push(Record::ReleaseDone {
+                        client_id: self.client_str.clone(),
+                        packet_id: r.packet_id,
+                    });
+                }
+                return self.state_result(batch, res);
             }
             Packet::PubComp(c) => {
-                let r = self.session.lock().outgoing.handle_pubcomp(&c).map(|_| ());
-                return self.state_result(r);
+                let r = self.session.lock().outgoing.handle_pubcomp(&c);
+                let r = r.map(|c| self.completed(batch, c.ticket));
+                return self.state_result(batch, r);
             }
-            Packet::Subscribe(s) => self.handle_subscribe(s),
-            Packet::Unsubscribe(u) => self.handle_unsubscribe(u),
-            Packet::PingReq => self.encode(&Packet::PingResp),
+            Packet::Subscribe(s) => self.handle_subscribe(s, guard, batch),
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(u, guard, batch),
+            Packet::PingReq => batch.post.push(Post::Send(Packet::PingResp)),
             Packet::Disconnect(d) => {
                 if let Some(e) = d.properties.session_expiry_interval() {
                     if self.connect_expiry == 0 && e != 0 {
                         // [MQTT-3.14.2-2]
-                        self.send_disconnect(ReasonCode::PROTOCOL_ERROR);
+                        self.send_disconnect(batch, ReasonCode::PROTOCOL_ERROR);
                         return Some(End::ProtocolError(ReasonCode::PROTOCOL_ERROR));
                     }
-                    self.session.lock().expiry_interval = e.min(self.hub.limits.max_session_expiry);
+                    let e = e.min(self.hub.limits.max_session_expiry);
+                    let durable = self.durable(guard.as_deref());
+                    let mut st = self.session.lock();
+                    st.expiry_interval = e;
+                    if durable && e > 0 {
+                        batch.records.push(Record::SessionUpsert {
+                            client_id: self.client_str.clone(),
+                            protocol_level: protocol_level(st.version),
+                            expiry_interval: e,
+                        });
+                    }
                 }
                 return Some(if d.reason_code == ReasonCode::DISCONNECT_WITH_WILL {
                     End::NormalWithWill
@@ -557,13 +812,13 @@ impl Conn {
                 });
             }
             Packet::Auth(_) => {
-                self.send_disconnect(ReasonCode::PROTOCOL_ERROR);
+                self.send_disconnect(batch, ReasonCode::PROTOCOL_ERROR);
                 return Some(End::ProtocolError(ReasonCode::PROTOCOL_ERROR));
             }
             other => {
                 // The decoder refuses packets a client may not send; keep the match total.
                 tracing::warn!(packet = %other.packet_type(), "unexpected packet");
-                self.send_disconnect(ReasonCode::PROTOCOL_ERROR);
+                self.send_disconnect(batch, ReasonCode::PROTOCOL_ERROR);
                 return Some(End::ProtocolError(ReasonCode::PROTOCOL_ERROR));
             }
         }
@@ -572,18 +827,23 @@ impl Conn {
 
     /// Acknowledgements for unknown packet identifiers are ignored (a resent PUBACK after a
     /// reconnect is harmless); any other state error closes the connection.
-    fn state_result(&mut self, r: Result<(), StateError>) -> Option<End> {
+    fn state_result(&mut self, batch: &mut Batch, r: Result<(), StateError>) -> Option<End> {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
                 tracing::info!(client = %self.client_id, error = %e, "closing connection: protocol error");
-                self.send_disconnect(e.reason_code());
+                self.send_disconnect(batch, e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
             }
         }
     }
 
-    fn handle_publish(&mut self, mut p: Publish) -> Option<End> {
+    fn handle_publish(
+        &mut self,
+        mut p: Publish,
+        guard: Option<&mut StoreGuard<'_>>,
+        batch: &mut Batch,
+    ) -> Option<End> {
         Metrics::inc(&self.hub.metrics.messages_received);
         self.hub
             .metrics
@@ -591,14 +851,14 @@ impl Conn {
             .fetch_add(p.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(alias) = p.properties.topic_alias() {
             if alias > self.hub.limits.topic_alias_maximum {
-                self.send_disconnect(ReasonCode::TOPIC_ALIAS_INVALID);
+                self.send_disconnect(batch, ReasonCode::TOPIC_ALIAS_INVALID);
                 return Some(End::ProtocolError(ReasonCode::TOPIC_ALIAS_INVALID));
             }
             if p.topic.is_empty() {
                 match self.aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
-                        self.send_disconnect(ReasonCode::PROTOCOL_ERROR);
+                        self.send_disconnect(batch, ReasonCode::PROTOCOL_ERROR);
                         return Some(End::ProtocolError(ReasonCode::PROTOCOL_ERROR));
                     }
                 }
@@ -608,52 +868,75 @@ impl Conn {
             p.properties.remove(PropertyId::TopicAlias);
         }
         let packet_id = p.packet_id;
+        let qos = p.qos;
         let accepted = self.session.lock().incoming.handle_publish(p);
         let msg = match accepted {
             Ok(Some(m)) => m,
             Ok(None) => return None, // a QoS 2 resend: already routed once
-            Err(e) => return self.state_result(Err(e)),
+            Err(e) => return self.state_result(batch, Err(e)),
         };
         if msg.topic.starts_with("$SYS") {
             // Clients may not publish into the broker's own statistics.
-            return self.ack(packet_id, ReasonCode::NOT_AUTHORIZED);
+            if let Some(id) = packet_id {
+                batch.post.push(Post::Ack(id, ReasonCode::NOT_AUTHORIZED));
+            }
+            return None;
         }
-        let expires_at = msg
-            .properties
-            .message_expiry_interval()
-            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-        if msg.retain {
-            self.hub.retain(&msg, expires_at);
+        if let (QoS::ExactlyOnce, Some(id)) = (qos, packet_id) {
+            if self.durable(guard.as_deref()) {
+                // Remembered durably before PUBREC: a resend after a crash is not a new message.
+                batch.records.push(Record::AwaitingRelease {
+                    client_id: self.client_str.clone(),
+                    packet_id: id,
+                });
+            }
         }
-        let mut routed = msg;
-        routed.dup = false;
-        routed.packet_id = None;
-        let n = self.hub.route(&routed, Some(&self.client_id));
-        if n == 0 {
+        let routed = self
+            .hub
+            .prepare(msg, Some(&self.client_id), guard, &mut batch.records);
+        let code = if routed.len() == 0 {
             Metrics::inc(&self.hub.metrics.messages_unrouted);
-        }
-        let code = if n == 0 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
         };
-        self.ack(packet_id, code)
+        batch.post.push(Post::Publish {
+            routed,
+            ack: packet_id.map(|id| (id, code)),
+        });
+        None
     }
 
-    /// Acknowledges a QoS 1 or 2 PUBLISH once it has been handled.
-    fn ack(&mut self, packet_id: Option<qosmos_mqtt::PacketId>, code: ReasonCode) -> Option<End> {
-        let id = packet_id?;
+    /// Acknowledges a QoS 1 or 2 PUBLISH once it has been handled (and is durable). Queued in
+    /// `incoming`, then moved to the write buffer so that later replies follow it.
+    fn ack(&mut self, id: qosmos_mqtt::PacketId, code: ReasonCode) {
         let code = if self.version == ProtocolVersion::V5 {
             code
         } else {
             ReasonCode::SUCCESS
         };
-        let r = self.session.lock().incoming.ack_with(id, code);
-        self.state_result(r)
+        let session = self.session.clone();
+        let mut st = session.lock();
+        // Forgotten (the session was taken over and ended) or a state error: nothing to send,
+        // and the message is routed; a resend is then a new message, as the client sees it.
+        let _ = st.incoming.ack_with(id, code);
+        if st.connection.as_ref().map(|c| c.id) != Some(self.id) {
+            st.wake();
+            return;
+        }
+        while let Some(p) = st.incoming.poll_transmit() {
+            self.encode(&p);
+        }
     }
 
-    fn handle_subscribe(&mut self, s: Subscribe) {
+    fn handle_subscribe(
+        &mut self,
+        s: Subscribe,
+        guard: Option<&mut StoreGuard<'_>>,
+        batch: &mut Batch,
+    ) {
         let id = s.properties.subscription_identifiers().next();
+        let durable = self.durable(guard.as_deref());
         let mut codes = Vec::with_capacity(s.subscriptions.len());
         let mut retained = Vec::new();
         let now = Instant::now();
@@ -668,6 +951,14 @@ impl Conn {
                 .lock()
                 .subscriptions
                 .insert(sub.filter.clone(), opts);
+            if durable {
+                batch.records.push(Record::Subscribe {
+                    client_id: self.client_str.clone(),
+                    filter: sub.filter.clone(),
+                    options: sub.options,
+                    subscription_id: id,
+                });
+            }
             codes.push(ReasonCode(granted.as_u8()));
             let shared = sub.filter.starts_with("$share/");
             let send = match sub.options.retain_handling {
@@ -676,28 +967,67 @@ impl Conn {
                 RetainHandling::DoNotSend => false,
             };
             if send && !shared {
-                for m in self.hub.retained_for(&sub.filter, now) {
+                for (m, message_id) in self.hub.retained_for(&sub.filter, now) {
                     let qos = m.qos.min(granted);
-                    retained.push((m, qos));
+                    retained.push((m, qos, message_id));
                 }
             }
         }
-        self.encode(&Packet::SubAck(SubAck {
+        let mut messages = Vec::with_capacity(retained.len());
+        for (m, qos, message_id) in retained {
+            // Owed durably like any routed message, unless already owed (the same retained
+            // message twice before the first was delivered).
+            let message_id = match (guard.as_deref(), message_id) {
+                (Some(g), Some(mid))
+                    if durable
+                        && qos != QoS::AtMostOnce
+                        && g.has_message(mid)
+                        && !g.owes(&self.client_id, mid)
+                        && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
+                {
+                    batch.records.push(Record::Enqueue {
+                        client_id: self.client_str.clone(),
+                        message_id: mid,
+                        qos,
+                        retain: true,
+                        subscription_ids: id.into_iter().collect(),
+                    });
+                    Some(mid)
+                }
+                _ => None,
+            };
+            messages.push((m, qos, message_id));
+        }
+        batch.post.push(Post::Send(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes: codes,
             properties: Properties::new(),
-        }));
-        let ids: Vec<u32> = id.into_iter().collect();
-        for (m, qos) in retained {
-            self.hub.deliver(&self.session, &m, qos, true, &ids);
+        })));
+        if !messages.is_empty() {
+            batch.post.push(Post::Retained {
+                messages,
+                ids: id.into_iter().collect(),
+            });
         }
     }
 
-    fn handle_unsubscribe(&mut self, u: Unsubscribe) {
+    fn handle_unsubscribe(
+        &mut self,
+        u: Unsubscribe,
+        guard: Option<&mut StoreGuard<'_>>,
+        batch: &mut Batch,
+    ) {
+        let durable = self.durable(guard.as_deref());
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
             let existed = self.hub.unsubscribe(&self.client_id, f);
             self.session.lock().subscriptions.remove(f);
+            if durable && existed {
+                batch.records.push(Record::Unsubscribe {
+                    client_id: self.client_str.clone(),
+                    filter: f.clone(),
+                });
+            }
             codes.push(if existed {
                 ReasonCode::SUCCESS
             } else {
@@ -709,11 +1039,11 @@ impl Conn {
         } else {
             Vec::new()
         };
-        self.encode(&Packet::UnsubAck(UnsubAck {
+        batch.post.push(Post::Send(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes: codes,
             properties: Properties::new(),
-        }));
+        })));
     }
 
     /// Detaches from the session (unless it was taken over), expires it as configured, and
@@ -731,7 +1061,9 @@ impl Conn {
         tracing::debug!(client = %self.client_id, ?end, "disconnected");
         let hub = &self.hub;
         let mut expiry = 0;
-        if end != End::TakenOver {
+        let detached = if end == End::TakenOver {
+            None
+        } else {
             let mut st = self.session.lock();
             if st.connection.as_ref().map(|c| c.id) == Some(self.id) {
                 st.connection = None;
@@ -739,24 +1071,20 @@ impl Conn {
                 st.incoming.on_disconnect();
                 let at = Instant::now();
                 st.disconnected_at = Some(at);
-                expiry = st.expiry_interval;
-                drop(st);
+                Some((at, st.expiry_interval))
+            } else {
+                None
+            }
+        };
+        if let Some((at, e)) = detached {
+            expiry = e;
+            {
                 if expiry == 0 {
-                    hub.discard_session(&self.session);
-                } else if expiry != u32::MAX {
-                    let hub = hub.clone();
-                    let session = self.session.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                        let ended = {
-                            let st = session.lock();
-                            st.connection.is_none() && st.disconnected_at == Some(at)
-                        };
-                        if ended {
-                            Metrics::inc(&hub.metrics.sessions_expired);
-                            hub.discard_session(&session);
-                        }
-                    });
+                    if let Some(commit) = hub.discard_session(&self.session) {
+                        let _ = commit.await;
+                    }
+                } else {
+                    schedule_expiry(hub.clone(), self.session.clone(), at, expiry);
                 }
             }
         }
@@ -766,62 +1094,101 @@ impl Conn {
                 .will_delay_interval()
                 .unwrap_or(0)
                 .min(expiry);
-            let will_hub = hub.clone();
-            let client = self.client_id.clone();
-            let publish = move || {
-                let mut properties = will.properties.clone();
-                properties.remove(PropertyId::WillDelayInterval);
-                let p = Publish {
-                    dup: false,
-                    qos: will.qos,
-                    retain: will.retain,
-                    topic: will.topic.clone(),
-                    packet_id: None,
-                    payload: will.payload.clone(),
-                    properties,
-                };
-                publish_will(&will_hub, &p, &client);
+            let mut properties = will.properties.clone();
+            properties.remove(PropertyId::WillDelayInterval);
+            let p = Publish {
+                dup: false,
+                qos: will.qos,
+                retain: will.retain,
+                topic: will.topic.clone(),
+                packet_id: None,
+                payload: will.payload.clone(),
+                properties,
             };
             if delay == 0 {
-                publish();
+                publish_will(hub, p, &self.client_id, false).await;
             } else {
-                let hub = hub.clone();
-                let session = self.session.clone();
-                // Which disconnection this will belongs to: any later connection to the session
-                // (even one that has ended again since) changes it.
-                let left_at = session.lock().disconnected_at;
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    // Not sent if a new connection was made to this same session in time
-                    // [MQTT-3.1.3-9], whether or not that connection is still there.
-                    let registered = hub
-                        .sessions()
-                        .get(&session.client_id)
-                        .is_some_and(|s| Arc::ptr_eq(s, &session));
-                    let back = registered && {
-                        let st = session.lock();
-                        st.is_online() || st.disconnected_at != left_at
-                    };
-                    if !back {
-                        publish();
+                let due = Instant::now() + Duration::from_secs(u64::from(delay));
+                if let Some(store) = &hub.store {
+                    // Owed durably: a restart re-arms it (a persistent session only; a will
+                    // cannot outlive its session, see the `min(expiry)` above).
+                    let commit = store.submit(vec![Record::WillPending {
+                        client_id: self.client_str.clone(),
+                        publish: storable(&p),
+                        due_unix_ms: unix_ms_of(due),
+                    }]);
+                    if let Some(commit) = commit {
+                        let _ = commit.await;
                     }
-                });
+                }
+                schedule_will(hub.clone(), self.session.clone(), p, due);
             }
         }
     }
 }
 
-fn publish_will(hub: &Hub, p: &Publish, client: &str) {
+/// Ends a disconnected session `expiry` seconds after `at`, unless a connection came since.
+pub(crate) fn schedule_expiry(hub: Arc<Hub>, session: Arc<Session>, at: Instant, expiry: u32) {
+    if expiry == u32::MAX {
+        return;
+    }
+    // A stopped broker must not be kept alive (its data directory open) by a timer.
+    let hub = Arc::downgrade(&hub);
+    tokio::spawn(async move {
+        tokio::time::sleep_until((at + Duration::from_secs(u64::from(expiry))).into()).await;
+        let Some(hub) = hub.upgrade() else {
+            return;
+        };
+        let ended = {
+            let st = session.lock();
+            st.connection.is_none() && st.disconnected_at == Some(at)
+        };
+        if ended {
+            Metrics::inc(&hub.metrics.sessions_expired);
+            // Not awaited: a session that comes back after a crash expires again.
+            drop(hub.discard_session(&session));
+        }
+    });
+}
+
+/// Publishes a delayed will at `due`, unless a new connection was made to the session in time
+/// [MQTT-3.1.3-9], whether or not that connection is still there.
+pub(crate) fn schedule_will(hub: Arc<Hub>, session: Arc<Session>, will: Publish, due: Instant) {
+    // Which disconnection this will belongs to: any later connection to the session (even one
+    // that has ended again since) changes it.
+    let left_at = session.lock().disconnected_at;
+    let hub = Arc::downgrade(&hub);
+    tokio::spawn(async move {
+        tokio::time::sleep_until(due.into()).await;
+        let Some(hub) = hub.upgrade() else {
+            return;
+        };
+        let registered = hub
+            .sessions()
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, &session));
+        let back = registered && {
+            let st = session.lock();
+            st.is_online() || st.disconnected_at != left_at
+        };
+        if !back {
+            publish_will(&hub, will, &session.client_id, true).await;
+        }
+    });
+}
+
+/// Publishes a will like any message (durably, with a store); `delayed` marks its pending
+/// record done in the same append.
+async fn publish_will(hub: &Hub, p: Publish, client: &str, delayed: bool) {
     Metrics::inc(&hub.metrics.wills_published);
     tracing::debug!(%client, topic = %p.topic, "publishing will");
-    if p.retain {
-        let expires_at = p
-            .properties
-            .message_expiry_interval()
-            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-        hub.retain(p, expires_at);
+    let mut extra = Vec::new();
+    if delayed && hub.store.is_some() {
+        extra.push(Record::WillDone {
+            client_id: MqttStr::from(client),
+        });
     }
-    hub.route(p, Some(client));
+    hub.publish_durably(p, Some(client), extra).await;
 }
 
 /// Answers a connection over the limit: CONNACK Server busy (5.0) or Server unavailable

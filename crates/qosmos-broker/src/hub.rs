@@ -2,8 +2,10 @@
 //! the routing of one PUBLISH to its subscribers.
 
 use crate::config::Limits;
+use crate::durable::{Store, StoreGuard, storable, unix_ms_of};
 use crate::metrics::Metrics;
 use crate::session::{Session, SubOptions};
+use crate::store::{Commit, Record};
 use qosmos_mqtt::index::SubscriptionIndex;
 use qosmos_mqtt::topic::{self, parse_shared};
 use qosmos_mqtt::{MqttStr, PropertyId, ProtocolVersion, Publish, QoS, encoded_len};
@@ -31,6 +33,8 @@ pub(crate) struct SubEntry {
 pub(crate) struct Retained {
     pub(crate) publish: Publish,
     pub(crate) expires_at: Option<Instant>,
+    /// Its id in the durable store, if stored there.
+    pub(crate) message_id: Option<u64>,
 }
 
 /// The broker's shared state.
@@ -44,18 +48,39 @@ pub(crate) struct Hub {
     next_connection: AtomicU64,
     shared_cursor: AtomicUsize,
     pub(crate) started: Instant,
+    /// The durable store (with `data_dir`).
+    pub(crate) store: Option<Store>,
 }
 
 /// One delivery decided by the router.
-struct Delivery {
+#[derive(Debug)]
+pub(crate) struct Delivery {
     session: Arc<Session>,
     qos: QoS,
     retain: bool,
     ids: Vec<u32>,
+    /// An `Enqueue` record was written for it: the session tracks it by message id.
+    durable: bool,
+}
+
+/// A message routed (and, with a store, recorded), to be handed to its subscribers once its
+/// records are durable.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    publish: Publish,
+    deliveries: Vec<Delivery>,
+    message_id: Option<u64>,
+}
+
+impl Routed {
+    /// How many sessions it goes to.
+    pub(crate) fn len(&self) -> usize {
+        self.deliveries.len()
+    }
 }
 
 impl Hub {
-    pub(crate) fn new(limits: Limits) -> Hub {
+    pub(crate) fn new(limits: Limits, store: Option<Store>) -> Hub {
         Hub {
             limits,
             metrics: Metrics::default(),
@@ -65,6 +90,7 @@ impl Hub {
             next_connection: AtomicU64::new(1),
             shared_cursor: AtomicUsize::new(0),
             started: Instant::now(),
+            store,
         }
     }
 
@@ -129,12 +155,43 @@ impl Hub {
         removed
     }
 
-    /// Removes a session and all its subscriptions, if `session` is still the registered one.
-    pub(crate) fn discard_session(&self, session: &Arc<Session>) {
+    /// Removes a session and all its subscriptions, if `session` is still the registered one,
+    /// and records its end. The returned commit need not be awaited: a session that comes back
+    /// after a crash is only one the client may start clean again.
+    pub(crate) fn discard_session(&self, session: &Arc<Session>) -> Option<Commit> {
+        match &self.store {
+            Some(store) => {
+                let mut guard = store.lock();
+                let mut records = Vec::new();
+                self.discard_session_locked(session, Some(&mut guard), &mut records);
+                guard.submit(records)
+            }
+            None => {
+                self.discard_session_locked(session, None, &mut Vec::new());
+                None
+            }
+        }
+    }
+
+    /// [`Hub::discard_session`] with the store already locked; the `SessionDelete` goes to
+    /// `records`.
+    pub(crate) fn discard_session_locked(
+        &self,
+        session: &Arc<Session>,
+        guard: Option<&mut StoreGuard<'_>>,
+        records: &mut Vec<Record>,
+    ) {
         let mut sessions = self.sessions();
         if let Some(current) = sessions.get(&session.client_id) {
             if Arc::ptr_eq(current, session) {
                 sessions.remove(&session.client_id);
+                if let Some(g) = guard {
+                    if g.has_session(&session.client_id) {
+                        records.push(Record::SessionDelete {
+                            client_id: MqttStr::from(&*session.client_id),
+                        });
+                    }
+                }
             }
         }
         drop(sessions);
@@ -145,9 +202,123 @@ impl Hub {
         session.lock().subscriptions.clear();
     }
 
-    /// Routes one application message to every matching subscription; returns how many
-    /// sessions it was given to. `origin` is the publishing client (for No Local).
+    /// Routes one application message to every matching subscription at once (no records);
+    /// returns how many sessions it was given to. `origin` is the publishing client (for No
+    /// Local). A retained message is retained first.
     pub(crate) fn route(&self, publish: &Publish, origin: Option<&str>) -> usize {
+        let routed = self.prepare(publish.clone(), origin, None, &mut Vec::new());
+        self.dispatch(routed)
+    }
+
+    /// Routes and records a message, waits for the records to be durable, then delivers it:
+    /// for messages that have no publisher waiting on an acknowledgement (wills).
+    pub(crate) async fn publish_durably(
+        &self,
+        publish: Publish,
+        origin: Option<&str>,
+        extra: Vec<Record>,
+    ) -> usize {
+        let (routed, commit) = match &self.store {
+            Some(store) => {
+                let mut guard = store.lock();
+                let mut records = Vec::new();
+                let routed = self.prepare(publish, origin, Some(&mut guard), &mut records);
+                records.extend(extra);
+                (routed, guard.submit(records))
+            }
+            None => (self.prepare(publish, origin, None, &mut Vec::new()), None),
+        };
+        if let Some(c) = commit {
+            if let Err(e) = c.await {
+                tracing::error!(error = %e, "the write-ahead log failed");
+            }
+        }
+        self.dispatch(routed)
+    }
+
+    /// The first half of routing, done under the store lock: decides the deliveries, retains
+    /// the message (or clears the topic's), and with a store adds the records that make the
+    /// message durable for every session that outlives its connection: `Message`, `Enqueue`s
+    /// and `RetainedSet` / `RetainedClear`. QoS 0 deliveries and `$` topics are not recorded.
+    /// Hand the result to [`Hub::dispatch`] once the records are durable.
+    pub(crate) fn prepare(
+        &self,
+        mut publish: Publish,
+        origin: Option<&str>,
+        guard: Option<&mut StoreGuard<'_>>,
+        records: &mut Vec<Record>,
+    ) -> Routed {
+        publish.dup = false;
+        publish.packet_id = None;
+        let mut deliveries = self.plan(&publish, origin);
+        let expires_at = publish
+            .properties
+            .message_expiry_interval()
+            .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
+        let mut message_id = None;
+        if let (Some(g), false) = (guard, publish.topic.starts_with('$')) {
+            let mut owed = Vec::new();
+            for d in &mut deliveries {
+                let persistent = d.session.lock().expiry_interval > 0;
+                if d.qos != QoS::AtMostOnce && persistent && g.has_session(&d.session.client_id) {
+                    let id = *message_id.get_or_insert_with(|| g.message_id());
+                    d.durable = true;
+                    owed.push(Record::Enqueue {
+                        client_id: MqttStr::from(&*d.session.client_id),
+                        message_id: id,
+                        qos: d.qos,
+                        retain: d.retain,
+                        subscription_ids: d.ids.clone(),
+                    });
+                }
+            }
+            let mut retained = None;
+            if publish.retain {
+                if publish.payload.is_empty() {
+                    retained = Some(Record::RetainedClear {
+                        topic: publish.topic.clone(),
+                    });
+                } else {
+                    let id = *message_id.get_or_insert_with(|| g.message_id());
+                    retained = Some(Record::RetainedSet {
+                        topic: publish.topic.clone(),
+                        message_id: id,
+                    });
+                }
+            }
+            if let Some(id) = message_id {
+                records.push(Record::Message {
+                    id,
+                    publish: storable(&publish),
+                    expires_at_unix_ms: expires_at.map(unix_ms_of),
+                });
+            }
+            records.extend(owed);
+            records.extend(retained);
+        }
+        if publish.retain {
+            self.retain(&publish, expires_at, message_id);
+        }
+        Routed {
+            publish,
+            deliveries,
+            message_id,
+        }
+    }
+
+    /// The second half of routing: hands the message to each session's outgoing state.
+    /// Returns how many sessions it went to.
+    pub(crate) fn dispatch(&self, routed: Routed) -> usize {
+        let n = routed.deliveries.len();
+        for d in routed.deliveries {
+            let id = routed.message_id.filter(|_| d.durable);
+            self.deliver(&d.session, &routed.publish, d.qos, d.retain, &d.ids, id);
+        }
+        n
+    }
+
+    /// Decides who gets a message.
+    fn plan(&self, publish: &Publish, origin: Option<&str>) -> Vec<Delivery> {
         let topic = publish.topic.as_str();
         let mut direct: Vec<(usize, Delivery)> = Vec::new();
         let mut shared: HashMap<(&str, &str), Vec<&SubEntry>> = HashMap::new();
@@ -176,6 +347,7 @@ impl Hub {
                                 qos,
                                 retain,
                                 ids: entry.sub.id.into_iter().collect(),
+                                durable: false,
                             },
                         ));
                     }
@@ -197,17 +369,16 @@ impl Hub {
                 qos: publish.qos.min(pick.sub.options.qos),
                 retain: publish.retain && pick.sub.options.retain_as_published,
                 ids: pick.sub.id.into_iter().collect(),
+                durable: false,
             });
         }
         drop(subs);
-        let n = deliveries.len();
-        for d in deliveries {
-            self.deliver(&d.session, publish, d.qos, d.retain, &d.ids);
-        }
-        n
+        deliveries
     }
 
     /// Hands one message to one session's outgoing state, or counts why it could not.
+    /// `message_id` names the durable delivery (an `Enqueue` record) this is; if it cannot be
+    /// queued, its end is recorded so the store does not keep it.
     pub(crate) fn deliver(
         &self,
         session: &Session,
@@ -215,7 +386,28 @@ impl Hub {
         qos: QoS,
         retain: bool,
         ids: &[u32],
+        message_id: Option<u64>,
     ) {
+        if !self.deliver_inner(session, publish, qos, retain, ids, message_id) {
+            if let (Some(store), Some(id)) = (&self.store, message_id) {
+                drop(store.submit(vec![Record::Delivered {
+                    client_id: MqttStr::from(&*session.client_id),
+                    message_id: id,
+                }]));
+            }
+        }
+    }
+
+    /// [`Hub::deliver`] without the record; false when the message was dropped.
+    fn deliver_inner(
+        &self,
+        session: &Session,
+        publish: &Publish,
+        qos: QoS,
+        retain: bool,
+        ids: &[u32],
+        message_id: Option<u64>,
+    ) -> bool {
         let mut out = Publish {
             dup: false,
             qos,
@@ -231,7 +423,7 @@ impl Hub {
         let mut s = session.lock();
         if !s.is_online() && qos == QoS::AtMostOnce {
             Metrics::inc(&self.metrics.messages_dropped_offline_qos0);
-            return;
+            return false;
         }
         if s.version == ProtocolVersion::V5 {
             // The packet must fit the client's Maximum Packet Size (with a packet id); if the
@@ -248,7 +440,7 @@ impl Hub {
                 if probe(&out) > s.client_max_packet_size as usize {
                     Metrics::inc(&self.metrics.messages_dropped_too_large);
                     tracing::warn!(client = %session.client_id, topic = %publish.topic, "message larger than the client's maximum packet size dropped");
-                    return;
+                    return false;
                 }
             }
         }
@@ -258,6 +450,9 @@ impl Hub {
             .map(|secs| Instant::now() + std::time::Duration::from_secs(u64::from(secs)));
         match s.outgoing.publish(out) {
             Ok(ticket) => {
+                if let Some(id) = message_id {
+                    s.message_ids.insert(ticket, id);
+                }
                 // Queued rather than sent: remember when it expires (see `expire_pending`).
                 if let Some(at) = expires_at {
                     if !s.is_online() || s.outgoing.pending_len() > 0 {
@@ -267,6 +462,7 @@ impl Hub {
                 if s.is_online() {
                     s.wake();
                 }
+                true
             }
             Err(_) => {
                 s.dropped += 1;
@@ -274,12 +470,18 @@ impl Hub {
                 if s.dropped.is_power_of_two() {
                     tracing::warn!(client = %session.client_id, dropped = s.dropped, "session queue full: message dropped");
                 }
+                false
             }
         }
     }
 
     /// Stores, replaces or clears (empty payload) the retained message of a topic.
-    pub(crate) fn retain(&self, publish: &Publish, expires_at: Option<Instant>) {
+    pub(crate) fn retain(
+        &self,
+        publish: &Publish,
+        expires_at: Option<Instant>,
+        message_id: Option<u64>,
+    ) {
         let mut r = self.retained.write().unwrap_or_else(|e| e.into_inner());
         if publish.payload.is_empty() {
             r.remove(publish.topic.as_str());
@@ -293,6 +495,7 @@ impl Hub {
                 Retained {
                     publish: p,
                     expires_at,
+                    message_id,
                 },
             );
         }
@@ -301,9 +504,9 @@ impl Hub {
             .store(r.len() as u64, Ordering::Relaxed);
     }
 
-    /// The retained messages matching `filter` (not for shared subscriptions), dropping any
-    /// that expired.
-    pub(crate) fn retained_for(&self, filter: &str, now: Instant) -> Vec<Publish> {
+    /// The retained messages matching `filter` (not for shared subscriptions), with their
+    /// durable ids, dropping any that expired.
+    pub(crate) fn retained_for(&self, filter: &str, now: Instant) -> Vec<(Publish, Option<u64>)> {
         let r = self.retained.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let mut expired = false;
@@ -316,9 +519,9 @@ impl Hub {
                         let left = at.saturating_duration_since(now).as_secs().max(1);
                         p.properties
                             .set_message_expiry_interval(left.min(u64::from(u32::MAX)) as u32);
-                        out.push(p);
+                        out.push((p, m.message_id));
                     }
-                    None => out.push(m.publish.clone()),
+                    None => out.push((m.publish.clone(), m.message_id)),
                 }
             }
         }

@@ -24,15 +24,48 @@
 //! subscriptions (`$share/{group}/{filter}`, round robin preferring online members), limits that
 //! count what they drop ([`Limits`], [`Metrics`]), and an admin HTTP API ([`BrokerHandle`]).
 //!
+//! # Durability
+//! With [`Config::data_dir`] the broker keeps a write-ahead log ([`store`]) and acknowledges
+//! only what it holds: PUBACK / PUBREC after the message and the deliveries it owes to
+//! persistent sessions are durable; PUBCOMP after the publisher's released packet id is; SUBACK
+//! and UNSUBACK after the subscription change is. Towards a subscriber, a QoS 2 PUBLISH goes out
+//! only once its packet id is recorded, and PUBREL once the PUBREC is, so that after a crash the
+//! broker resends the same packet id with DUP and the subscriber's duplicate detection holds.
+//! Every socket read is one batch with one append, and concurrent connections share each
+//! `fdatasync` (group commit). A subscriber never sees a message whose publisher was not
+//! acknowledged, so a publisher's resend after a crash cannot make a QoS 2 duplicate. At start
+//! the log is replayed: persistent sessions (disconnected, their expiry counted from the
+//! start), their subscriptions, owed deliveries at every QoS 2 stage, the QoS 2 packet ids
+//! awaiting PUBREL, retained messages and delayed wills come back. The log is compacted once it
+//! is larger than [`Config::compact_min_bytes`] and four times its last snapshot.
+//!
+//! What each [`store::FsyncPolicy`] loses (`qosmos broker --fsync`): on SIGKILL, nothing
+//! acknowledged under any policy (the data is in the OS page cache); on power loss or a kernel
+//! crash, nothing under `Always` and `Batch`, and possibly the last acknowledged messages
+//! under `Never`.
+//!
 //! # What it does not do (yet)
-//! Durable storage (`data_dir` is accepted but state is kept in memory only), authentication
-//! and authorization (every client is allowed; enhanced authentication is refused), TLS and
-//! WebSocket listeners, outgoing topic aliases (allowed by the specification: the broker never
-//! needs to send them), clustering (use EMQX, VerneMQ or HiveMQ past one machine).
+//! - Durability covers sessions that outlive their connection (3.1.1 clean session false, 5.0
+//!   session expiry above 0): a clean session's state ends with its connection anyway, so its
+//!   deliveries and QoS 2 packet ids are not logged; QoS 0 messages are not logged except as
+//!   retained messages. A QoS 1 delivery is logged without its packet id, so after a crash it
+//!   is sent again with a new one (at least once, as QoS 1 allows).
+//! - The live durable state (sessions, queued messages) must fit in memory: the log is
+//!   replayed into memory at start and mirrored there for compaction.
+//! - A message routed to a session at the moment that session is replaced by a clean start
+//!   may, after a crash, be owed to the new session.
+//! - Expiry is checked against the clock only in memory: a retained message that expired stays
+//!   in the log (and in compactions) until its topic is set again, and is skipped at start; a
+//!   session's expiry counts from the last start, not from its disconnection.
+//! - Authentication and authorization (every client is allowed; enhanced authentication is
+//!   refused), TLS and WebSocket listeners, outgoing topic aliases (allowed by the
+//!   specification: the broker never needs to send them), clustering (use EMQX, VerneMQ or
+//!   HiveMQ past one machine).
 
 mod admin;
 mod config;
 mod connection;
+mod durable;
 mod hub;
 mod metrics;
 mod server;
@@ -42,5 +75,6 @@ mod sys;
 
 pub use admin::{BrokerHandle, ClientInfo, SubscriptionInfo};
 pub use config::{Config, Limits};
+pub use durable::OpenError;
 pub use metrics::Metrics;
 pub use server::{Broker, BrokerError};

@@ -2,8 +2,10 @@
 
 use crate::admin::BrokerHandle;
 use crate::config::Config;
+use crate::durable::{OpenError, Store};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +29,22 @@ pub enum BrokerError {
     /// The admin HTTP server failed.
     #[error("admin HTTP server: {0}")]
     Http(std::io::Error),
+    /// The data directory could not be opened, or holds state this build cannot read.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+}
+
+impl BrokerError {
+    /// True when the error is about the data directory's contents (an incompatible version):
+    /// a configuration problem, not a passing failure.
+    pub fn is_incompatible_data(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Store(
+                OpenError::Store(StoreError::IncompatibleVersion { .. }) | OpenError::Record { .. }
+            )
+        )
+    }
 }
 
 /// A broker with its listeners bound, ready to [`run`](Broker::run).
@@ -61,13 +79,21 @@ impl Broker {
             ),
             None => None,
         };
-        if config.data_dir.is_some() {
-            tracing::warn!("--data-dir is not used yet: broker state is kept in memory only");
+        let (store, state) = match &config.data_dir {
+            Some(dir) => {
+                let (store, state) = Store::open(dir, config.fsync, config.compact_min_bytes)?;
+                (Some(store), Some(state))
+            }
+            None => (None, None),
+        };
+        let hub = Arc::new(Hub::new(config.limits, store));
+        if let Some(state) = state {
+            crate::durable::restore(&hub, state);
         }
         Ok(Broker {
             listener,
             http,
-            hub: Arc::new(Hub::new(config.limits)),
+            hub,
         })
     }
 

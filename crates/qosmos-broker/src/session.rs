@@ -46,6 +46,9 @@ pub(crate) struct SessionState {
     /// `outgoing`. Only messages that went to the pending queue are here; cleared whenever that
     /// queue is empty.
     pub(crate) expiring: HashMap<Ticket, Instant>,
+    /// The durable message id of each delivery the store knows of (an `Enqueue` record), by
+    /// its ticket in `outgoing`: names the message in `Sent`, `Released` and `Delivered`.
+    pub(crate) message_ids: HashMap<Ticket, u64>,
 }
 
 /// The link from a session to the connection task that serves it.
@@ -86,23 +89,33 @@ impl SessionState {
 
     /// Drops queued messages whose Message Expiry Interval has passed [MQTT-3.3.2-5] and sets
     /// the interval of the others to the time they have left [MQTT-3.3.2-6]. Returns how many
-    /// were dropped. Call it before `outgoing.resume`.
+    /// were dropped, and the durable ids of those that were. Call it before `outgoing.resume`.
     ///
     /// `Outgoing` cannot remove one pending message, so the queue is rebuilt from a snapshot
     /// (the way a durable store restores it): inflight exchanges as they were, pending messages
     /// published again in order. Only done when an expiring message is queued.
-    pub(crate) fn expire_pending(&mut self, config: OutgoingConfig, now: Instant) -> u64 {
+    pub(crate) fn expire_pending(
+        &mut self,
+        config: OutgoingConfig,
+        now: Instant,
+    ) -> (u64, Vec<u64>) {
         if self.outgoing.pending_len() == 0 {
             self.expiring.clear();
         }
         if self.expiring.is_empty() {
-            return 0;
+            return (0, Vec::new());
         }
         let mut fresh = Outgoing::new(config);
         fresh.set_receive_maximum(self.outgoing.receive_maximum());
+        let mut message_ids = HashMap::new();
+        let mut dropped_ids = Vec::new();
         for e in self.outgoing.inflight() {
             // Packet identifiers in `inflight()` are unique, so this cannot fail.
-            let _ = fresh.restore_inflight(e.packet_id, e.stage.clone());
+            if let Ok(t) = fresh.restore_inflight(e.packet_id, e.stage.clone()) {
+                if let Some(id) = self.message_ids.get(&e.ticket) {
+                    message_ids.insert(t, *id);
+                }
+            }
         }
         let pending: Vec<(Ticket, Publish)> = self
             .outgoing
@@ -116,6 +129,7 @@ impl SessionState {
             if let Some(at) = deadline {
                 if at <= now {
                     dropped += 1;
+                    dropped_ids.extend(self.message_ids.get(&ticket));
                     continue;
                 }
                 let left = at.saturating_duration_since(now).as_secs().max(1);
@@ -123,12 +137,18 @@ impl SessionState {
                     .set_message_expiry_interval(u32::try_from(left).unwrap_or(u32::MAX));
             }
             // The queue held these messages already, so they fit its limits again.
-            if let (Ok(t), Some(at)) = (fresh.publish(p), deadline) {
-                expiring.insert(t, at);
+            if let Ok(t) = fresh.publish(p) {
+                if let Some(at) = deadline {
+                    expiring.insert(t, at);
+                }
+                if let Some(id) = self.message_ids.get(&ticket) {
+                    message_ids.insert(t, *id);
+                }
             }
         }
         self.outgoing = fresh;
         self.expiring = expiring;
-        dropped
+        self.message_ids = message_ids;
+        (dropped, dropped_ids)
     }
 }

@@ -58,7 +58,6 @@ fn publish_once(hub: &Hub) {
     for (topic, value) in stats {
         let mut p = Publish::new(topic, value.into_bytes());
         p.retain = true;
-        hub.retain(&p, None);
         hub.route(&p, None);
     }
 }

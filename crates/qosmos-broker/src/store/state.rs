@@ -3,7 +3,7 @@
 
 use super::record::Record;
 use qosmos_mqtt::{MqttStr, PacketId, Publish, QoS, SubscriptionOptions};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed
 /// deliveries, stored messages, retained messages and pending wills.
@@ -37,6 +37,8 @@ pub struct SessionState {
     pub subscriptions: BTreeMap<MqttStr, StoredSubscription>,
     /// Deliveries owed, in the order they were enqueued; at most one per message.
     pub queue: VecDeque<Delivery>,
+    /// The message ids in `queue`: finds a repeated `Enqueue` without scanning the queue.
+    queued: HashSet<u64>,
     /// Incoming QoS 2 packet identifiers whose PUBREL is awaited.
     pub awaiting_release: BTreeSet<PacketId>,
 }
@@ -167,6 +169,7 @@ impl DurableState {
                 if self.messages.remove(&id).is_some() {
                     for s in self.sessions.values_mut() {
                         s.queue.retain(|d| d.message_id != id);
+                        s.queued.remove(&id);
                     }
                     self.retained.retain(|_, m| *m != id);
                 }
@@ -185,7 +188,7 @@ impl DurableState {
                 let Some(s) = self.session(&client_id, "Enqueue") else {
                     return;
                 };
-                if s.queue.iter().any(|d| d.message_id == message_id) {
+                if !s.queued.insert(message_id) {
                     tracing::debug!(%client_id, message_id, "second Enqueue of a message skipped");
                     return;
                 }
@@ -225,11 +228,12 @@ impl DurableState {
                 let Some(s) = self.session(&client_id, "Delivered") else {
                     return;
                 };
-                let Some(i) = s.queue.iter().position(|d| d.message_id == message_id) else {
+                let Some(i) = position(&s.queue, message_id) else {
                     tracing::debug!(%client_id, message_id, "Delivered for no owed delivery skipped");
                     return;
                 };
                 s.queue.remove(i);
+                s.queued.remove(&message_id);
                 self.unref(message_id);
             }
             Record::AwaitingRelease {
@@ -374,11 +378,8 @@ impl DurableState {
         message_id: u64,
         what: &str,
     ) -> Option<&mut Delivery> {
-        let d = self
-            .session(client_id, what)?
-            .queue
-            .iter_mut()
-            .find(|d| d.message_id == message_id);
+        let queue = &mut self.session(client_id, what)?.queue;
+        let d = position(queue, message_id).and_then(|i| queue.get_mut(i));
         if d.is_none() {
             tracing::debug!(%client_id, message_id, record = what, "record for no owed delivery skipped");
         }
@@ -392,6 +393,17 @@ impl DurableState {
                 self.messages.remove(&message_id);
             }
         }
+    }
+}
+
+/// Where `message_id` is in `queue`. Message ids grow, so the queue is sorted by them unless a
+/// retained message was enqueued behind newer ones: try a binary search first, and scan only
+/// when it misses (a session with a thousand messages in flight must not cost a thousand
+/// comparisons per record).
+fn position(queue: &VecDeque<Delivery>, message_id: u64) -> Option<usize> {
+    match queue.binary_search_by_key(&message_id, |d| d.message_id) {
+        Ok(i) if queue.get(i).is_some_and(|d| d.message_id == message_id) => Some(i),
+        _ => queue.iter().position(|d| d.message_id == message_id),
     }
 }
 

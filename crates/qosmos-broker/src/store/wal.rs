@@ -295,6 +295,16 @@ impl Wal {
         permit.compact(snapshot).wait()
     }
 
+    /// Room in the writer's queue without waiting, for a caller that submits under a
+    /// synchronous lock and bounds its own backlog (the broker awaits each connection's
+    /// commits before reading more from it).
+    pub(crate) fn permit_now(&self) -> AppendPermit {
+        AppendPermit {
+            tx: self.tx.clone(),
+            permit: None,
+        }
+    }
+
     /// The current size of the log file in bytes, header included, as of the last commit.
     pub fn len_bytes(&self) -> u64 {
         self.shared.len.load(Ordering::Relaxed)
@@ -404,7 +414,7 @@ enum CommitState {
 }
 
 impl Commit {
-    fn ready(result: Result<(), StoreError>) -> Commit {
+    pub(crate) fn ready(result: Result<(), StoreError>) -> Commit {
         Commit(CommitState::Ready(Some(result)))
     }
 

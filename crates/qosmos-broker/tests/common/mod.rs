@@ -54,7 +54,28 @@ impl TestBroker {
             http_addr: http,
             data_dir: None,
             limits,
+            ..Config::default()
         };
+        TestBroker::start_config(config).await
+    }
+
+    /// Starts a durable broker on `mqtt` keeping its state in `dir`.
+    pub async fn start_durable(
+        mqtt: SocketAddr,
+        dir: &std::path::Path,
+        limits: Limits,
+    ) -> TestBroker {
+        let config = Config {
+            mqtt_addr: mqtt,
+            data_dir: Some(dir.to_path_buf()),
+            limits,
+            ..Config::default()
+        };
+        TestBroker::start_config(config).await
+    }
+
+    /// Starts a broker with `config`.
+    pub async fn start_config(config: Config) -> TestBroker {
         let broker = Broker::bind(config).await.unwrap();
         let addr = broker.mqtt_addr();
         let http = broker.http_addr();

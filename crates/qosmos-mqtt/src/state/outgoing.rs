@@ -553,6 +553,29 @@ impl Outgoing {
         })
     }
 
+    /// The ticket of the exchange in flight with `packet_id`, if any: lets a caller that keeps
+    /// per-message data by ticket (a durable store) name the message a PUBLISH or PUBREL from
+    /// [`Outgoing::poll_transmit`] belongs to.
+    ///
+    /// ```
+    /// use qosmos_mqtt::state::{Outgoing, OutgoingConfig};
+    /// use qosmos_mqtt::{Packet, Publish, QoS};
+    ///
+    /// let mut out = Outgoing::new(OutgoingConfig::default());
+    /// out.resume(false);
+    /// let mut msg = Publish::new("orders/42", "created");
+    /// msg.qos = QoS::ExactlyOnce;
+    /// let ticket = out.publish(msg)?;
+    /// let Some(Packet::Publish(sent)) = out.poll_transmit() else { panic!() };
+    /// let pid = sent.packet_id.expect("QoS 2 has a packet identifier");
+    /// assert_eq!(out.ticket_of(pid), Some(ticket));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn ticket_of(&self, packet_id: PacketId) -> Option<Ticket> {
+        let seq = self.by_id.get(&packet_id)?;
+        self.entries.get(seq).map(|e| e.ticket)
+    }
+
     /// The messages waiting for the inflight window, oldest first, for a snapshot (republish
     /// them with [`Outgoing::publish`] after restoring the inflight ones).
     pub fn pending(&self) -> impl ExactSizeIterator<Item = (Ticket, &Publish)> + '_ {

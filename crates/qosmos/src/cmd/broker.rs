@@ -1,6 +1,7 @@
 //! `qosmos broker`: the MQTT broker alone.
 
 use crate::error::CliError;
+use qosmos_broker::store::FsyncPolicy;
 use qosmos_broker::{Broker, Config, Limits};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +27,13 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "QOSMOS_DATA_DIR", value_name = "DIR")]
     pub(crate) data_dir: Option<PathBuf>,
 
+    /// When the write-ahead log in --data-dir syncs before acknowledging: `always` (every
+    /// group commit), `batch` (waits up to 2 ms to share a sync) or `never` (the OS page cache
+    /// only). All three lose nothing acknowledged to SIGKILL; `never` may lose recent
+    /// acknowledged messages to a power loss or kernel crash.
+    #[arg(long, env = "QOSMOS_FSYNC", value_name = "POLICY", value_enum, default_value_t = Fsync::Always)]
+    pub(crate) fsync: Fsync,
+
     /// Most client connections at once.
     #[arg(long, env = "QOSMOS_MAX_CONNECTIONS", value_name = "N")]
     pub(crate) max_connections: Option<usize>,
@@ -50,6 +58,29 @@ pub(crate) struct BrokerArgs {
     /// Seconds a new connection has to send CONNECT.
     #[arg(long, env = "QOSMOS_CONNECT_TIMEOUT", value_name = "SECS")]
     pub(crate) connect_timeout: Option<u64>,
+}
+
+/// `--fsync` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Fsync {
+    /// Sync every group commit before acknowledging.
+    Always,
+    /// Sync, gathering appends for up to 2 ms first.
+    Batch,
+    /// Never sync: acknowledged once written to the OS.
+    Never,
+}
+
+impl Fsync {
+    fn policy(self) -> FsyncPolicy {
+        match self {
+            Fsync::Always => FsyncPolicy::Always,
+            Fsync::Batch => FsyncPolicy::Batch {
+                max_delay: Duration::from_millis(2),
+            },
+            Fsync::Never => FsyncPolicy::Never,
+        }
+    }
 }
 
 impl BrokerArgs {
@@ -78,7 +109,9 @@ impl BrokerArgs {
             mqtt_addr: self.mqtt,
             http_addr: self.http,
             data_dir: self.data_dir.clone(),
+            fsync: self.fsync.policy(),
             limits,
+            ..Config::default()
         }
     }
 }
@@ -86,9 +119,13 @@ impl BrokerArgs {
 /// Runs the broker until SIGINT or SIGTERM.
 pub(crate) async fn run(args: BrokerArgs) -> Result<(), CliError> {
     let config = args.config();
-    let broker = Broker::bind(config)
-        .await
-        .map_err(|e| CliError::runtime(e.to_string()))?;
+    let broker = Broker::bind(config).await.map_err(|e| {
+        if e.is_incompatible_data() {
+            CliError::usage(e.to_string())
+        } else {
+            CliError::runtime(e.to_string())
+        }
+    })?;
     tracing::info!(mqtt = %broker.mqtt_addr(), "MQTT listener ready");
     if let Some(http) = broker.http_addr() {
         tracing::info!(%http, "admin HTTP API ready");

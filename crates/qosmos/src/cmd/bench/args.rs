@@ -110,6 +110,12 @@ pub(crate) struct BenchArgs {
     )]
     pub(crate) timeout: f64,
 
+    /// Connect every publisher and subscriber with a persistent session that outlives its
+    /// connection by SECS seconds (3.1.1: clean session false), so that a durable broker
+    /// stores their messages; clean sessions when omitted.
+    #[arg(long, env = "QOSMOS_SESSION_EXPIRY", value_name = "SECS")]
+    pub(crate) session_expiry: Option<u32>,
+
     /// Print the result as one JSON object on stdout.
     #[arg(long, env = "QOSMOS_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) json: bool,

@@ -76,6 +76,7 @@ impl Conn {
         client_id: &str,
         version: ProtocolVersion,
         timeout: Duration,
+        session_expiry: Option<u32>,
     ) -> Result<(Conn, ConnAck), ConnError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(url.authority()))
             .await
@@ -90,6 +91,12 @@ impl Conn {
         };
         let mut connect = Connect::new(version, client_id);
         connect.keep_alive = KEEP_ALIVE.as_secs() as u16;
+        if let Some(secs) = session_expiry {
+            connect.clean_start = false;
+            if version == ProtocolVersion::V5 {
+                connect.properties.set_session_expiry_interval(secs);
+            }
+        }
         connect.username = url.username.as_deref().map(Into::into);
         connect.password = url
             .password

@@ -68,7 +68,7 @@ pub(crate) async fn run(
                         .await;
                     return false;
                 }
-                Conn::connect(&url, &client_id, version, timeout).await
+                Conn::connect(&url, &client_id, version, timeout, None).await
             };
             let mut conn = match conn {
                 Ok((c, _)) => {

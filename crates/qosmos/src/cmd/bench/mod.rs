@@ -260,9 +260,10 @@ async fn connect_all(
         let url = args.broker.clone();
         let id = client_id(k);
         let permits = permits.clone();
+        let expiry = args.session_expiry;
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let r = Conn::connect(&url, &id, version, timeout).await;
+            let r = Conn::connect(&url, &id, version, timeout, expiry).await;
             (k, r)
         });
     }

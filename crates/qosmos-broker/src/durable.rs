@@ -1,0 +1,416 @@
+//! How the broker uses its store: one lock orders every append and keeps a mirror of the
+//! durable state, from which compaction snapshots are taken; and the rebuild of the broker's
+//! memory from that state at start.
+//!
+//! The calling contract, for every change the log must hold: take [`Store::lock`], change the
+//! broker's memory, [`StoreGuard::submit`] the records describing the change, drop the lock,
+//! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
+//! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
+//! (`Delivered`) are submitted the same way and not awaited.
+
+use crate::connection::{new_session_state, schedule_expiry, schedule_will};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::session::{Session, SubOptions};
+use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
+use crate::store::{StoreError, Wal, WalConfig, WalStats};
+use bytes::{Bytes, BytesMut};
+use qosmos_mqtt::state::Inflight;
+use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Why the durable state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The log could not be opened (or is of an incompatible version).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record passed its checksum but does not decode: written by another build.
+    #[error(
+        "record {index} of the write-ahead log in {dir} does not decode ({error}); it was \
+         written by another qosmos version. Run that version, or move the data directory away"
+    )]
+    Record {
+        /// The record's position in the log.
+        index: usize,
+        /// The data directory.
+        dir: String,
+        /// Why it does not decode.
+        error: RecordError,
+    },
+}
+
+/// The write-ahead log and the mirror of what it holds.
+#[derive(Debug)]
+pub(crate) struct Store {
+    wal: Wal,
+    inner: Mutex<Inner>,
+    compact_min_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mirror: DurableState,
+    next_message_id: u64,
+    /// Size of the last snapshot written (the log right after a compaction).
+    last_snapshot_bytes: u64,
+    /// A compaction was submitted: none again until the log reaches this generation.
+    compacting_until: u64,
+}
+
+/// The store locked: appends are submitted in the order the lock is taken.
+pub(crate) struct StoreGuard<'a> {
+    store: &'a Store,
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Store {
+    /// Opens the log in `dir`, recovers and replays it.
+    pub(crate) fn open(
+        dir: &Path,
+        fsync: FsyncPolicy,
+        compact_min_bytes: u64,
+    ) -> Result<(Store, DurableState), OpenError> {
+        let (wal, recovered) = Wal::open(WalConfig::new(dir).with_fsync(fsync))?;
+        if recovered.truncated_bytes > 0 {
+            tracing::warn!(
+                dir = %wal.dir().display(),
+                bytes = recovered.truncated_bytes,
+                "cut a torn or corrupt tail off the write-ahead log"
+            );
+        }
+        let mut records = Vec::with_capacity(recovered.records.len());
+        let mut max_id = 0;
+        for (index, bytes) in recovered.records.iter().enumerate() {
+            let record = Record::decode(bytes).map_err(|error| OpenError::Record {
+                index,
+                dir: wal.dir().display().to_string(),
+                error,
+            })?;
+            if let Record::Message { id, .. } = &record {
+                max_id = max_id.max(*id);
+            }
+            records.push(record);
+        }
+        let count = records.len();
+        let mirror = DurableState::replay(records);
+        tracing::info!(
+            dir = %wal.dir().display(),
+            records = count,
+            sessions = mirror.sessions.len(),
+            messages = mirror.messages.len(),
+            retained = mirror.retained.len(),
+            "durable state recovered"
+        );
+        let state = mirror.clone();
+        // What a compaction would write now: the log may grow to 4× that before one.
+        let live: u64 = mirror
+            .snapshot()
+            .iter()
+            .filter_map(|r| r.to_bytes().ok())
+            .map(|b| b.len() as u64 + 8)
+            .sum();
+        let store = Store {
+            wal,
+            inner: Mutex::new(Inner {
+                mirror,
+                next_message_id: max_id + 1,
+                last_snapshot_bytes: live.max(1),
+                compacting_until: 0,
+            }),
+            compact_min_bytes,
+        };
+        Ok((store, state))
+    }
+
+    /// Takes the lock that orders appends.
+    pub(crate) fn lock(&self) -> StoreGuard<'_> {
+        StoreGuard {
+            store: self,
+            inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Submits `records` (see [`StoreGuard::submit`]) under the lock.
+    pub(crate) fn submit(&self, records: Vec<Record>) -> Option<Commit> {
+        self.lock().submit(records)
+    }
+
+    /// The log's counters.
+    pub(crate) fn stats(&self) -> WalStats {
+        self.wal.stats()
+    }
+
+    /// The log's size in bytes.
+    pub(crate) fn len_bytes(&self) -> u64 {
+        self.wal.len_bytes()
+    }
+}
+
+impl StoreGuard<'_> {
+    /// A fresh message id.
+    pub(crate) fn message_id(&mut self) -> u64 {
+        let id = self.inner.next_message_id;
+        self.inner.next_message_id += 1;
+        id
+    }
+
+    /// Whether the durable state has a session for `client`.
+    pub(crate) fn has_session(&self, client: &str) -> bool {
+        self.inner.mirror.sessions.contains_key(client)
+    }
+
+    /// Whether the durable state has a pending will for `client`.
+    pub(crate) fn has_will(&self, client: &str) -> bool {
+        self.inner.mirror.wills.contains_key(client)
+    }
+
+    /// Whether `client`'s durable session owes a delivery of `message_id`.
+    pub(crate) fn owes(&self, client: &str, message_id: u64) -> bool {
+        self.inner
+            .mirror
+            .sessions
+            .get(client)
+            .is_some_and(|s| s.queue.iter().any(|d| d.message_id == message_id))
+    }
+
+    /// Whether the durable state holds `message_id`.
+    pub(crate) fn has_message(&self, message_id: u64) -> bool {
+        self.inner.mirror.messages.contains_key(&message_id)
+    }
+
+    /// Appends `records` to the log and the mirror, in the order of the lock. `None` when there
+    /// is nothing to append. Compacts when the log has grown past its threshold.
+    pub(crate) fn submit(&mut self, records: Vec<Record>) -> Option<Commit> {
+        if records.is_empty() {
+            return None;
+        }
+        let mut bytes: Vec<Bytes> = Vec::with_capacity(records.len());
+        // One buffer for the whole batch, split into records without copying.
+        let mut buf = BytesMut::with_capacity(records.len() * 48 + 256);
+        for r in records {
+            match r.encode(&mut buf) {
+                Ok(()) => bytes.push(buf.split().freeze()),
+                Err(e) => {
+                    tracing::error!(error = %e, "record not encodable");
+                    return Some(Commit::ready(Err(StoreError::Failed {
+                        reason: e.to_string(),
+                    })));
+                }
+            }
+            self.inner.mirror.apply(r);
+        }
+        let commit = self.store.wal.permit_now().append(bytes);
+        self.maybe_compact();
+        Some(commit)
+    }
+
+    fn maybe_compact(&mut self) {
+        let wal = &self.store.wal;
+        let len = wal.len_bytes();
+        let inner = &mut *self.inner;
+        if len < self.store.compact_min_bytes
+            || len < inner.last_snapshot_bytes.saturating_mul(4)
+            || wal.generation() < inner.compacting_until
+        {
+            return;
+        }
+        inner.mirror.collect_garbage();
+        let snapshot: Vec<Bytes> = inner
+            .mirror
+            .snapshot()
+            .iter()
+            .filter_map(|r| r.to_bytes().ok())
+            .collect();
+        let size: u64 = snapshot.iter().map(|b| b.len() as u64 + 8).sum();
+        inner.last_snapshot_bytes = size.max(1);
+        inner.compacting_until = wal.generation() + 1;
+        tracing::info!(
+            log_bytes = len,
+            snapshot_bytes = size,
+            "compacting the write-ahead log"
+        );
+        // Not awaited: the writer installs it between commits; a failure stops the log, which
+        // every later commit then reports.
+        drop(wal.permit_now().compact(snapshot));
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The instant of a Unix time in milliseconds (now, if it has passed).
+pub(crate) fn instant_of(unix_ms_at: u64) -> Instant {
+    Instant::now() + Duration::from_millis(unix_ms_at.saturating_sub(unix_ms()))
+}
+
+/// The Unix time in milliseconds of an instant.
+pub(crate) fn unix_ms_of(at: Instant) -> u64 {
+    unix_ms().saturating_add(
+        u64::try_from(at.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(0),
+    )
+}
+
+/// Rebuilds the broker's memory from the durable state, at start: every session disconnected
+/// (its expiry clock starting now) with its subscriptions, its owed deliveries in its outgoing
+/// state (sent ones in flight, to be resent with DUP and the same packet id; released ones
+/// awaiting PUBCOMP; the rest queued in order) and the QoS 2 packet ids it awaits PUBREL for;
+/// the retained messages; and pending wills, re-armed.
+pub(crate) fn restore(hub: &Arc<Hub>, state: DurableState) {
+    let now = Instant::now();
+    let now_ms = unix_ms();
+    let left = |expires: Option<u64>| -> Option<Option<u32>> {
+        match expires {
+            None => Some(None),
+            Some(at) if at <= now_ms => None,
+            Some(at) => Some(Some(
+                u32::try_from((at - now_ms).div_ceil(1000)).unwrap_or(u32::MAX),
+            )),
+        }
+    };
+    for (client_id, s) in &state.sessions {
+        let version = if s.protocol_level == 5 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        };
+        let mut st = new_session_state(&hub.limits, version, s.expiry_interval);
+        st.disconnected_at = Some(now);
+        for (filter, sub) in &s.subscriptions {
+            st.subscriptions.insert(
+                filter.clone(),
+                SubOptions {
+                    options: sub.options,
+                    id: sub.subscription_id,
+                },
+            );
+        }
+        for &pid in &s.awaiting_release {
+            let _ = st.incoming.restore_awaiting_pubrel(pid);
+        }
+        let mut queued = Vec::new();
+        for d in &s.queue {
+            let Some(m) = state.messages.get(&d.message_id) else {
+                continue;
+            };
+            let Some(expiry) = left(m.expires_at_unix_ms) else {
+                continue; // expired while we were down
+            };
+            let mut p = m.publish.clone();
+            p.qos = d.qos;
+            p.retain = d.retain;
+            p.dup = false;
+            p.packet_id = None;
+            for id in &d.subscription_ids {
+                p.properties.add_subscription_identifier(*id);
+            }
+            if let Some(secs) = expiry {
+                p.properties.set_message_expiry_interval(secs);
+            }
+            let deadline = m.expires_at_unix_ms.map(instant_of);
+            let restored = match d.stage {
+                DeliveryStage::Queued => {
+                    queued.push((p, d.message_id, deadline));
+                    continue;
+                }
+                DeliveryStage::Sent(pid) => {
+                    let stage = if d.qos == QoS::ExactlyOnce {
+                        Inflight::AwaitingPubRec(p)
+                    } else {
+                        Inflight::AwaitingPubAck(p)
+                    };
+                    st.outgoing.restore_inflight(pid, stage)
+                }
+                DeliveryStage::Released(pid) => {
+                    st.outgoing.restore_inflight(pid, Inflight::AwaitingPubComp)
+                }
+            };
+            match restored {
+                Ok(ticket) => {
+                    st.message_ids.insert(ticket, d.message_id);
+                }
+                Err(e) => {
+                    tracing::warn!(%client_id, message_id = d.message_id, error = %e, "owed delivery not restored");
+                }
+            }
+        }
+        for (p, message_id, deadline) in queued {
+            // The store held it under the same limits; a lowered limit drops the excess, counted.
+            match st.outgoing.publish(p) {
+                Ok(ticket) => {
+                    st.message_ids.insert(ticket, message_id);
+                    if let Some(at) = deadline {
+                        st.expiring.insert(ticket, at);
+                    }
+                }
+                Err(_) => {
+                    st.dropped += 1;
+                    Metrics::inc(&hub.metrics.messages_dropped_queue_full);
+                }
+            }
+        }
+        let client: Arc<str> = Arc::from(client_id.as_str());
+        let session = Arc::new(Session::new(client.clone(), st));
+        hub.sessions().insert(client, session.clone());
+        let subs: Vec<(MqttStr, SubOptions)> = session
+            .lock()
+            .subscriptions
+            .iter()
+            .map(|(f, o)| (f.clone(), *o))
+            .collect();
+        for (filter, opts) in subs {
+            hub.subscribe(&session, &filter, opts);
+        }
+        schedule_expiry(hub.clone(), session, now, s.expiry_interval);
+    }
+    for (topic, &message_id) in &state.retained {
+        let Some(m) = state.messages.get(&message_id) else {
+            continue;
+        };
+        if left(m.expires_at_unix_ms).is_none() {
+            continue;
+        }
+        let mut p = m.publish.clone();
+        p.topic = topic.clone();
+        p.retain = true;
+        hub.retain(&p, m.expires_at_unix_ms.map(instant_of), Some(message_id));
+    }
+    for (client_id, w) in &state.wills {
+        let registered = hub.sessions().get(client_id.as_str()).cloned();
+        let due = instant_of(w.due_unix_ms);
+        match registered {
+            Some(session) => schedule_will(hub.clone(), session, w.publish.clone(), due),
+            None => {
+                // The session is gone (it expired): the will is due now.
+                let hub = hub.clone();
+                let p = w.publish.clone();
+                let client = client_id.to_string();
+                let session = Arc::new(Session::new(
+                    Arc::from(client.as_str()),
+                    new_session_state(&hub.limits, ProtocolVersion::V5, 0),
+                ));
+                schedule_will(hub, session, p, due);
+            }
+        }
+    }
+}
+
+/// A message as the log stores it: the record encoding is a PUBLISH packet, which at QoS 1 or
+/// 2 needs a packet identifier; the stored one means nothing and is replaced when sent.
+pub(crate) fn storable(p: &Publish) -> Publish {
+    let mut p = p.clone();
+    p.dup = false;
+    p.packet_id = if p.qos == QoS::AtMostOnce {
+        None
+    } else {
+        PacketId::new(1)
+    };
+    p
+}

@@ -1,0 +1,364 @@
+//! The broker with a data directory, in process: what was acknowledged survives a restart
+//! (sessions, subscriptions, queued QoS 1/2 messages, retained messages), the log is
+//! compacted, and a clean session leaves nothing behind. The SIGKILL loops are in
+//! `crates/qosmos/tests/durable.rs`, against the binary.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use common::{RawClient, TestBroker, limits, paho};
+use qosmos_mqtt::{
+    Packet, PacketId, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Subscribe,
+    Subscription, SubscriptionOptions,
+};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn payloads(result: &Value) -> Vec<String> {
+    result["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A persistent subscriber (3.1.1 clean session false, and 5.0 with a session expiry) goes
+/// away; QoS 1 and 2 messages and a retained message are acknowledged; the broker restarts;
+/// the subscribers get every message once, and a new subscriber gets the retained message.
+#[tokio::test]
+async fn queued_messages_sessions_and_retained_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let subs = [
+        json!({"port": addr.port(), "version": 311, "client_id": "sub311", "clean": false,
+               "steps": [{"sub": [["d/#", 2]]}, {"disconnect": null}]}),
+        json!({"port": addr.port(), "version": 5, "client_id": "sub5", "clean": false,
+               "connect_props": {"SessionExpiryInterval": 3600},
+               "steps": [{"sub": [["d/#", 2]]}, {"disconnect": null}]}),
+    ];
+    for s in subs {
+        paho(s).await;
+    }
+    let mut steps = Vec::new();
+    for i in 0..20 {
+        steps.push(json!({"pub": "d/x", "payload": format!("m{i}"), "qos": 1 + i % 2}));
+    }
+    steps.push(json!({"pub": "r/kept", "payload": "retained", "qos": 1, "retain": true}));
+    steps.push(json!({"disconnect": null}));
+    paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "pub", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    assert_eq!(b.handle.clients().len(), 2, "two persistent sessions");
+    b.stop().await;
+
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    assert_eq!(b.handle.clients().len(), 2, "sessions restored");
+    for (version, id, props) in [
+        (311, "sub311", json!({})),
+        (5, "sub5", json!({"SessionExpiryInterval": 3600})),
+    ] {
+        let r = paho(
+            json!({"port": addr.port(), "version": version, "client_id": id,
+                            "clean": false, "connect_props": props,
+                            "steps": [{"expect": 20, "timeout": 10}, {"quiet": 0.3},
+                                      {"disconnect": null}]}),
+        )
+        .await;
+        assert_eq!(r["connack"]["session_present"], json!(true), "{id}");
+        // paho hands a QoS 2 message over on PUBREL, so QoS 1 and 2 interleave: compare sets.
+        let mut got = payloads(&r);
+        got.sort();
+        let mut want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+        want.sort();
+        assert_eq!(got, want, "{id}: every message once");
+    }
+    let r = paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "late", "clean": true,
+                        "steps": [{"sub": [["r/#", 1]]}, {"expect": 1, "timeout": 10}]}),
+    )
+    .await;
+    assert_eq!(payloads(&r), vec!["retained".to_string()]);
+    assert_eq!(r["messages"][0]["retain"], json!(true));
+    b.stop().await;
+
+    // Drained: a third start owes nothing.
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "sub311",
+                        "clean": false, "steps": [{"quiet": 0.5}, {"disconnect": null}]}),
+    )
+    .await;
+    assert_eq!(
+        payloads(&r),
+        Vec::<String>::new(),
+        "nothing delivered twice"
+    );
+    b.stop().await;
+}
+
+/// Unsubscribing and ending a session are durable too: after a restart the session is gone
+/// (clean start) or has no subscription (unsubscribed), so nothing is queued for it.
+#[tokio::test]
+async fn unsubscribe_and_session_end_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "a", "clean": false,
+                "steps": [{"sub": [["u/#", 1], ["v/#", 1]]}, {"unsub": ["u/#"]},
+                          {"disconnect": null}]}),
+    )
+    .await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "gone", "clean": false,
+                "steps": [{"sub": [["u/#", 1]]}, {"disconnect": null}]}),
+    )
+    .await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "gone", "clean": true,
+                "steps": [{"disconnect": null}]}),
+    )
+    .await;
+    b.stop().await;
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let clients: BTreeMap<String, usize> = b
+        .handle
+        .clients()
+        .into_iter()
+        .map(|c| (c.client_id, c.subscriptions))
+        .collect();
+    assert_eq!(clients, BTreeMap::from([("a".to_string(), 1)]));
+    let subs: Vec<String> = b
+        .handle
+        .subscriptions()
+        .into_iter()
+        .map(|s| s.topic)
+        .collect();
+    assert_eq!(subs, vec!["v/#".to_string()]);
+    b.stop().await;
+}
+
+/// Many messages through a persistent session: the log is compacted and stays small.
+#[tokio::test]
+async fn the_log_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = qosmos_broker::Config {
+        mqtt_addr: addr,
+        data_dir: Some(dir.path().to_path_buf()),
+        compact_min_bytes: 16 << 10,
+        limits: limits(),
+        ..Default::default()
+    };
+    let b = TestBroker::start_config(config).await;
+    let payload = "x".repeat(20);
+    // A subscriber online all along: every message is stored, delivered and acknowledged.
+    let mut sub = common::paho_spawn(json!({
+        "port": addr.port(), "version": 311, "client_id": "s", "clean": false,
+        "steps": [{"sub": [["c/#", 2]]}, {"event": "subscribed"},
+                  {"expect": 1000, "timeout": 60}, {"disconnect": null}]}));
+    sub.wait_event("subscribed").await;
+    let mut steps = Vec::new();
+    for i in 0..1000 {
+        steps.push(json!({"pub": "c/x", "payload": format!("{i}{payload}"), "qos": 1 + i % 2}));
+    }
+    steps.push(json!({"disconnect": null}));
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "p", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    let r = sub.finish().await;
+    assert_eq!(r["messages"].as_array().unwrap().len(), 1000);
+    let (len, stats) = b.handle.store_stats().unwrap();
+    assert!(stats.compactions >= 1, "compacted: {stats:?}");
+    // 1000 messages are ~100 KiB of history; what is live is one session.
+    assert!(len < 64 << 10, "log of {len} bytes after compaction");
+    let file = std::fs::metadata(dir.path().join("wal.log")).unwrap().len();
+    assert!(file < 64 << 10, "file of {file} bytes");
+    b.stop().await;
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    assert_eq!(
+        b.handle.clients().len(),
+        1,
+        "the session survived compaction"
+    );
+    assert_eq!(b.handle.subscriptions().len(), 1);
+    b.stop().await;
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: 1.try_into().unwrap(),
+        subscriptions: vec![Subscription {
+            filter: filter.into(),
+            options: SubscriptionOptions::with_qos(qos),
+        }],
+        properties: Default::default(),
+    })
+}
+
+fn publish2(topic: &str, id: u16, payload: &str, dup: bool) -> Packet {
+    let mut p = Publish::new(topic, payload.to_string());
+    p.qos = QoS::ExactlyOnce;
+    p.packet_id = Some(id.try_into().unwrap());
+    p.dup = dup;
+    Packet::Publish(p)
+}
+
+fn pid(v: u16) -> PacketId {
+    v.try_into().unwrap()
+}
+
+/// Every QoS 2 stage survives a restart, in both directions. Towards the subscriber: a PUBLISH
+/// whose PUBREC had come is followed by PUBREL again, and one not yet answered is sent again
+/// with DUP and the same packet id. From the publisher: a packet id whose PUBREL had not come
+/// is still a duplicate (not routed again); once released, the id names a new message.
+#[tokio::test]
+async fn qos2_stages_survive_a_restart_in_both_directions() {
+    const V: ProtocolVersion = ProtocolVersion::V311;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let (mut sub, _) = RawClient::connect(addr, RawClient::connect_packet(V, "rs", false)).await;
+    sub.send(&subscribe("s/#", QoS::ExactlyOnce)).await;
+    assert!(matches!(sub.expect().await, Packet::SubAck(_)));
+    let (mut publ, _) = RawClient::connect(addr, RawClient::connect_packet(V, "rp", false)).await;
+    publ.send(&publish2("s/a", 7, "one", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    publ.send(&publish2("s/a", 8, "two", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(8)));
+    // The subscriber takes "one" (PUBREC, PUBREL comes, no PUBCOMP) and leaves "two" unanswered.
+    let Packet::Publish(one) = sub.expect().await else {
+        panic!("PUBLISH one")
+    };
+    assert_eq!(&one.payload[..], b"one");
+    let a = one.packet_id.unwrap();
+    let Packet::Publish(two) = sub.expect().await else {
+        panic!("PUBLISH two")
+    };
+    assert_eq!(&two.payload[..], b"two");
+    let bid = two.packet_id.unwrap();
+    sub.send(&Packet::PubRec(PubRec::new(a))).await;
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == a));
+    drop(sub);
+    drop(publ);
+    b.wait_connected("rs", false).await;
+    b.wait_connected("rp", false).await;
+    b.stop().await;
+
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let (mut sub, ack) = RawClient::connect(addr, RawClient::connect_packet(V, "rs", false)).await;
+    assert!(ack.session_present);
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == a));
+    let Packet::Publish(again) = sub.expect().await else {
+        panic!("PUBLISH two again")
+    };
+    assert_eq!(
+        (again.packet_id, again.dup, &again.payload[..]),
+        (Some(bid), true, &b"two"[..])
+    );
+    sub.send(&Packet::PubComp(PubComp::new(a))).await;
+    sub.send(&Packet::PubRec(PubRec::new(bid))).await;
+    assert!(matches!(sub.expect().await, Packet::PubRel(r) if r.packet_id == bid));
+    sub.send(&Packet::PubComp(PubComp::new(bid))).await;
+
+    let (mut publ, ack) = RawClient::connect(addr, RawClient::connect_packet(V, "rp", false)).await;
+    assert!(ack.session_present);
+    // A resend of 7: answered, not routed again.
+    publ.send(&publish2("s/a", 7, "one", true)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    publ.send(&Packet::PubRel(PubRel::new(pid(7)))).await;
+    assert!(matches!(publ.expect().await, Packet::PubComp(c) if c.packet_id == pid(7)));
+    // Released: 7 is a new message now.
+    publ.send(&publish2("s/a", 7, "three", false)).await;
+    assert!(matches!(publ.expect().await, Packet::PubRec(r) if r.packet_id == pid(7)));
+    let Packet::Publish(three) = sub.expect().await else {
+        panic!("PUBLISH three")
+    };
+    assert_eq!(&three.payload[..], b"three", "one was not delivered twice");
+    assert!(!three.dup);
+    b.stop().await;
+}
+
+/// A will with a delay, owed when the broker stopped, is published after the restart.
+#[tokio::test]
+async fn a_pending_delayed_will_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "w", "clean": true,
+                "connect_props": {"SessionExpiryInterval": 60},
+                "will": {"topic": "w/x", "payload": "gone", "qos": 1, "retain": false,
+                         "props": {"WillDelayInterval": 2}},
+                "steps": [{"abort": true}]}),
+    )
+    .await;
+    b.wait_connected("w", false).await;
+    b.stop().await;
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 5, "client_id": "watch", "clean": true,
+                        "steps": [{"sub": [["w/#", 1]]}, {"expect": 1, "timeout": 10}]}),
+    )
+    .await;
+    assert_eq!(payloads(&r), vec!["gone".to_string()]);
+    b.stop().await;
+}
+
+/// A full offline queue drops what does not fit, counted (metric and per client), and the store
+/// forgets the dropped messages too: after a restart exactly what was queued is delivered.
+#[tokio::test]
+async fn queue_overflow_is_counted_and_not_resurrected_by_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let small = || qosmos_broker::Limits {
+        max_queued_messages: 5,
+        ..limits()
+    };
+    let b = TestBroker::start_durable(addr, dir.path(), small()).await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "slow", "clean": false,
+                "steps": [{"sub": [["q/#", 1]]}, {"disconnect": null}]}),
+    )
+    .await;
+    let steps: Vec<Value> = (0..10)
+        .map(|i| json!({"pub": "q/x", "payload": format!("m{i}"), "qos": 1}))
+        .chain([json!({"disconnect": null})])
+        .collect();
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "p", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    assert_eq!(b.metric("messages_dropped_queue_full"), 5);
+    let slow = b
+        .handle
+        .clients()
+        .into_iter()
+        .find(|c| c.client_id == "slow")
+        .unwrap();
+    assert_eq!(slow.dropped, 5);
+    b.stop().await;
+    // Restarted with room to spare: what was dropped must not come back.
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "slow", "clean": false,
+                        "steps": [{"expect": 5, "timeout": 10}, {"quiet": 0.5},
+                                  {"disconnect": null}]}),
+    )
+    .await;
+    let want: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads(&r), want);
+    b.stop().await;
+}
