@@ -419,6 +419,13 @@ impl Task {
         };
         match result {
             Ok(()) => {
+                // Acknowledgements made before `disconnect()` was called travel on their own
+                // channel and may not have been seen yet: send them before saying goodbye, or
+                // the broker redelivers messages the application already handled.
+                while let Ok(ack) = inbox.ack_rx.try_recv() {
+                    self.handle_ack(ack);
+                }
+                let _ = self.drain(&mut conn);
                 // Closing: say goodbye so the broker drops the will, and flush.
                 let _ = conn.encode(&Packet::Disconnect(Disconnect::new(
                     ReasonCode::NORMAL_DISCONNECTION,

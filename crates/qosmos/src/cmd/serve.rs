@@ -109,8 +109,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
             Broker::bind(Config {
                 mqtt_addr: args.mqtt,
                 http_addr: None,
+                // Full durability: FsyncPolicy::Always is the default.
                 data_dir: Some(data_dir.join("broker")),
-                limits: Default::default(),
+                ..Default::default()
             })
             .await
             .map_err(|e| CliError::runtime(format!("--mqtt: {e}")))?,
