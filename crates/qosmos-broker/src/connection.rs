@@ -462,7 +462,7 @@ impl Conn {
         };
         let mut encoder = Encoder::new(v);
         encoder.max_packet_size = client_max_packet_size;
-        let mut wbuf = BytesMut::with_capacity(4096);
+        let mut wbuf = BytesMut::new();
         if encoder.encode(&Packet::ConnAck(ack), &mut wbuf).is_err() {
             return None;
         }
@@ -493,6 +493,16 @@ impl Conn {
         mut decoder: Decoder,
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
+        // Packets a client sent right behind its CONNECT, in the same read.
+        if !rbuf.is_empty() {
+            if let Some(end) = self.handle_read(&mut rbuf, &mut decoder).await {
+                let _ = self.flush(wr).await;
+                return end;
+            }
+        }
+        if rbuf.is_empty() {
+            rbuf = BytesMut::new();
+        }
         loop {
             if let Err(end) = self.flush(wr).await {
                 return end;
@@ -504,17 +514,24 @@ impl Conn {
                     None => std::future::pending().await,
                 }
             };
-            rbuf.reserve(8192);
             tokio::select! {
                 _ = shutdown.changed() => {
                     self.encode_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
                     let _ = wr.write_all(&self.wbuf).await;
                     return End::Shutdown;
                 }
-                r = rd.read_buf(&mut rbuf) => {
-                    match r {
-                        Ok(0) | Err(_) => return End::Lost,
+                r = rd.readable() => {
+                    if r.is_err() {
+                        return End::Lost;
+                    }
+                    // The read buffer exists only while there is something to read: an idle
+                    // connection holds none (memory per idle connection is a measured goal).
+                    rbuf.reserve(8192);
+                    match rd.try_read_buf(&mut rbuf) {
+                        Ok(0) => return End::Lost,
                         Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return End::Lost,
                     }
                     self.keep_alive.handle_received(Instant::now());
                     if let Some(end) = self.handle_read(&mut rbuf, &mut decoder).await {
@@ -522,6 +539,9 @@ impl Conn {
                         // out before any DISCONNECT (else the client would send them again).
                         let _ = self.flush(wr).await;
                         return end;
+                    }
+                    if rbuf.is_empty() {
+                        rbuf = BytesMut::new();
                     }
                 }
                 _ = self.waker.notified() => {}
@@ -622,7 +642,8 @@ impl Conn {
             if wr.write_all(&self.wbuf).await.is_err() {
                 return Err(End::Lost);
             }
-            self.wbuf.clear();
+            // Released rather than cleared, so that an idle connection holds no write buffer.
+            self.wbuf = BytesMut::new();
         }
         if owned { Ok(()) } else { Err(End::TakenOver) }
     }

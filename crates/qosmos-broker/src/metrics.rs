@@ -16,8 +16,7 @@ macro_rules! metrics {
             pub fn render(&self) -> String {
                 let mut out = String::new();
                 $(
-                    let help = concat!($(stringify!($doc)),*);
-                    let help = help.trim_start_matches("doc = ").trim_start_matches('r').trim_matches('"').trim();
+                    let help = help_text(&[$(stringify!($doc)),*]);
                     let _ = writeln!(out, "# HELP qosmos_broker_{} {}", stringify!($name), help);
                     let _ = writeln!(out, "# TYPE qosmos_broker_{} {}", stringify!($name), $kind);
                     let _ = writeln!(out, "qosmos_broker_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
@@ -69,6 +68,19 @@ metrics! {
     subscriptions: "gauge",
     /// Subscriptions refused (SUBACK failure).
     subscriptions_refused: "counter",
+}
+
+/// The text of `#[doc = "..."]` attributes as `stringify!` renders them (`doc = r" ..."`),
+/// joined into one line.
+fn help_text(docs: &[&str]) -> String {
+    docs.iter()
+        .filter_map(|d| {
+            let start = d.find('"')?;
+            let end = d.rfind('"')?;
+            (end > start).then(|| d[start + 1..end].trim())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Metrics {

@@ -564,21 +564,31 @@ fn no_clean_receives_messages_published_while_stopped() {
             second.stderr
         );
         // `--count 1` with two messages waiting: the one not printed is not acknowledged, so
-        // the session still has it for the next run.
-        publish(&m.url(), "store/1", "2", "third", protocol);
-        publish(&m.url(), "store/1", "2", "fourth", protocol);
-        let mut once: Vec<&str> = args.to_vec();
+        // the session still has it for the next run. A session of its own (topic and client
+        // id): under load Mosquitto 2.0.11 sometimes drops the previous connection right
+        // after its final PUBACK ("out of memory" in its log) and redelivers that QoS 1
+        // message, which MQTT allows and which is not what this part checks.
+        let id2 = format!("{id}-b");
+        let mut args2 = args.to_vec();
+        args2[3] = "store/2";
+        args2[8] = &id2;
+        let mut setup = Sub::start(&args2);
+        setup.wait_stderr("subscribed");
+        assert!(setup.terminate().success(), "{:?}", setup.stderr);
+        publish(&m.url(), "store/2", "2", "third", protocol);
+        publish(&m.url(), "store/2", "2", "fourth", protocol);
+        let mut once: Vec<&str> = args2.clone();
         once.extend(["--count", "1"]);
         let mut third = Sub::start(&once);
         assert_eq!(
             third.next_line(),
-            r#"{"topic":"store/1","qos":2,"retain":false,"payload":"third"}"#
+            r#"{"topic":"store/2","qos":2,"retain":false,"payload":"third"}"#
         );
         assert!(third.wait().success(), "{:?}", third.stderr);
         let mut fourth = Sub::start(&once);
         assert_eq!(
             fourth.next_line(),
-            r#"{"topic":"store/1","qos":2,"retain":false,"payload":"fourth"}"#
+            r#"{"topic":"store/2","qos":2,"retain":false,"payload":"fourth"}"#
         );
         assert!(fourth.wait().success(), "{:?}", fourth.stderr);
     }
