@@ -34,6 +34,24 @@ pub const MAX_LIST_LIMIT: u32 = 1000;
 /// timeout, 16 minutes with the default 30 s).
 pub const MAX_REDISPATCH_DOUBLINGS: u32 = 5;
 
+/// One recorded status change of an order (a row of its history), as
+/// [`OrderStore::changes_since`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Position in the feed; strictly increasing.
+    pub seq: i64,
+    /// The order.
+    pub order_id: OrderId,
+    /// The order's store.
+    pub store_id: StoreId,
+    /// The status the order entered.
+    pub status: Status,
+    /// When.
+    pub at: Timestamp,
+    /// The store's reason, on an ack that gave one.
+    pub reason: Option<String>,
+}
+
 /// How to open an [`OrderStore`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -427,6 +445,50 @@ impl OrderStore {
         rows.into_iter().map(summary_from_row).collect()
     }
 
+    /// Status changes recorded after `after_seq`, oldest first, at most `limit`
+    /// (clamped to 1..=[`MAX_LIST_LIMIT`]): the feed behind the dashboard's live view.
+    ///
+    /// `seq` only grows, so a reader that remembers the last `seq` it saw misses
+    /// nothing, whichever instance of the service wrote the change.
+    pub async fn changes_since(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        let rows: Vec<(i64, String, String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT h.seq, h.order_id, o.store_id, h.status, h.at, h.reason \
+             FROM order_history h JOIN orders o ON o.id = h.order_id \
+             WHERE h.seq > $1 ORDER BY h.seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(i64::from(limit.clamp(1, MAX_LIST_LIMIT)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, oid, store, st, at, reason)| {
+                Ok(Change {
+                    seq,
+                    store_id: StoreId::try_from(store).map_err(|e| StoreError::Corrupt {
+                        id: oid.clone(),
+                        what: format!("store_id: {e}"),
+                    })?,
+                    status: parse_status(&oid, &st)?,
+                    order_id: OrderId::from_string(oid),
+                    at: Timestamp::from_micros(at),
+                    reason,
+                })
+            })
+            .collect()
+    }
+
+    /// The `seq` of the latest status change, 0 when there is none.
+    pub async fn last_change_seq(&self) -> Result<i64, StoreError> {
+        let (seq,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM order_history")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq)
+    }
+
     /// Records that the broker confirmed delivery of the order (PUBCOMP).
     ///
     /// `received` → `dispatched`; `dispatched` again (a redispatch) only counts the
@@ -720,6 +782,45 @@ mod tests {
             assert_eq!(fk, 1);
         }
         drop(conns);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn changes_feed_lists_every_status_change_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        assert_eq!(store.last_change_seq().await.expect("seq"), 0);
+        let new = NewOrder::from_json(br#"{"store_id":"s1","items":[{"sku":"a","qty":1}]}"#)
+            .expect("valid");
+        let id = store
+            .create(&new, None)
+            .await
+            .expect("create")
+            .order
+            .order
+            .id;
+        store.mark_dispatched(&id).await.expect("dispatched");
+        let all = store.changes_since(0, 100).await.expect("feed");
+        let statuses: Vec<Status> = all.iter().map(|c| c.status).collect();
+        assert_eq!(statuses, [Status::Received, Status::Dispatched]);
+        assert!(
+            all.iter()
+                .all(|c| c.order_id == id && c.store_id.as_str() == "s1")
+        );
+        assert!(all[0].seq < all[1].seq);
+        let last = store.last_change_seq().await.expect("seq");
+        assert_eq!(last, all[1].seq);
+        let after = store.changes_since(all[0].seq, 100).await.expect("feed");
+        assert_eq!(after, all[1..].to_vec());
+        assert!(
+            store
+                .changes_since(last, 100)
+                .await
+                .expect("feed")
+                .is_empty()
+        );
         store.close().await;
     }
 
