@@ -45,8 +45,33 @@ fn parse_args() -> Result<Cli, CliError> {
         let table = config::load(&path)?;
         command = config::apply(command, &table, &path.display().to_string())?;
     }
-    let matches = command.get_matches_from(args);
-    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+    let matches = command.try_get_matches_from(args).map_err(usage)?;
+    Cli::from_arg_matches(&matches).map_err(usage)
+}
+
+/// Help and version go out as clap writes them; a usage error becomes one line (clap's
+/// first paragraph, without its `error: ` prefix and the "try --help" footer) and exit code 2.
+fn usage(e: clap::Error) -> CliError {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        _ => {
+            // The first paragraph, joined: "the following required arguments were not
+            // provided:" is followed by the arguments on lines of their own.
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .map(str::trim)
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            CliError::usage(if line.is_empty() { "bad usage" } else { line })
+        }
+    }
 }
 
 async fn run(command: Command) -> Result<(), CliError> {

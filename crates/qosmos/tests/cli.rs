@@ -37,6 +37,35 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
+fn bad_flag_exits_2_with_one_line_naming_it() {
+    for (args, names) in [
+        (&["pub", "-t", "x", "-q", "3", "-m", "hi"][..], "--qos"),
+        (&["serve", "--http", "nope"][..], "--http"),
+        (
+            &["store", "--store-id", "s1", "--no-such-flag"][..],
+            "--no-such-flag",
+        ),
+        (&["sub", "-q", "1"][..], "--topic"),
+        (&["no-such-command"][..], "no-such-command"),
+    ] {
+        let mut cmd = qosmos();
+        cmd.args(args);
+        let out = run_with_deadline(cmd, DEADLINE);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr_of(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("qosmos: "), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    // Help is not an error: the whole text, exit 0.
+    let mut cmd = qosmos();
+    cmd.args(["pub", "--help"]);
+    let out = run_with_deadline(cmd, DEADLINE);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--qos"));
+}
+
+#[test]
 fn bad_config_value_exits_2_with_one_line() {
     let dir = temp_dir("cli-badconf");
     let file = dir.join("qosmos.toml");
