@@ -223,27 +223,31 @@ impl EventHub {
         // either in that read or in the channel (or both; `seq` tells).
         let rx = inner.tx.subscribe();
         let guard = SubscriberGuard::new(inner.clone());
+        let latest = inner.store.last_change_seq().await?;
         {
             let mut running = inner.poller.lock().unwrap_or_else(PoisonError::into_inner);
             if !*running {
+                // It broadcasts every change after `latest`, read after `rx` subscribed:
+                // had it read its own start, a change committed between the two reads
+                // would be in neither this stream's replay nor the channel.
                 *running = true;
-                tokio::spawn(poll(inner.clone()));
+                tokio::spawn(poll(inner.clone(), latest));
             }
         }
-        let latest = inner.store.last_change_seq().await?;
         // An id past the end is from another database (replaced or restored): start at
         // its end rather than wait for it to catch up.
         let last = resume.map_or(latest, |r| r.min(latest));
         let stores = stores_json(&inner.store, inner.directory.as_ref()).await?;
         let mut queue = VecDeque::new();
         queue.push_back(LiveEvent::Hello { seq: last });
-        queue.push_back(LiveEvent::Stores(stores));
+        queue.push_back(LiveEvent::Stores(stores.clone()));
         let sub = Subscriber {
             inner: inner.clone(),
             rx,
             closed: inner.closed.subscribe(),
             last,
             replaying: true,
+            stores: Some(stores),
             queue,
             _guard: guard,
         };
@@ -285,6 +289,8 @@ struct Subscriber {
     last: i64,
     /// Reading the database rather than the channel: at the start, after a gap or a lag.
     replaying: bool,
+    /// The stores last sent: the poller's first snapshot repeats the stream's own.
+    stores: Option<Arc<str>>,
     queue: VecDeque<LiveEvent>,
     _guard: SubscriberGuard,
 }
@@ -324,7 +330,7 @@ impl Subscriber {
                 true
             }
             Ok(Msg::Stores(json)) => {
-                self.queue.push_back(LiveEvent::Stores(json));
+                self.push_stores(json);
                 true
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -335,7 +341,7 @@ impl Subscriber {
                 self.replaying = true;
                 self.inner.resyncs.fetch_add(1, Ordering::Relaxed);
                 match stores_json(&self.inner.store, self.inner.directory.as_ref()).await {
-                    Ok(s) => self.queue.push_back(LiveEvent::Stores(s)),
+                    Ok(s) => self.push_stores(s),
                     Err(e) => {
                         tracing::warn!(error = %e, "event stream: reading stores failed; ending the stream");
                         return false;
@@ -344,6 +350,13 @@ impl Subscriber {
                 true
             }
             Err(broadcast::error::RecvError::Closed) => false,
+        }
+    }
+
+    fn push_stores(&mut self, json: Arc<str>) {
+        if self.stores.as_deref() != Some(&*json) {
+            self.stores = Some(json.clone());
+            self.queue.push_back(LiveEvent::Stores(json));
         }
     }
 
@@ -380,9 +393,8 @@ async fn stores_json(
     Ok(serde_json::to_string(&rows).unwrap_or_default().into())
 }
 
-/// The shared poller: runs while anyone listens.
-async fn poll(inner: Arc<Inner>) {
-    let mut cursor: Option<i64> = None;
+/// The shared poller: broadcasts every change after `cursor`, while anyone listens.
+async fn poll(inner: Arc<Inner>, mut cursor: i64) {
     let mut stores: Option<Arc<str>> = None;
     let mut changes_tick = tokio::time::interval(inner.config.change_poll);
     changes_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -401,20 +413,8 @@ async fn poll(inner: Arc<Inner>) {
     }
 }
 
-async fn poll_changes(inner: &Inner, cursor: &mut Option<i64>) {
-    let mut after = match *cursor {
-        Some(c) => c,
-        None => match inner.store.last_change_seq().await {
-            Ok(c) => {
-                *cursor = Some(c);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "event poller: reading the change feed failed");
-                return;
-            }
-        },
-    };
+async fn poll_changes(inner: &Inner, cursor: &mut i64) {
+    let mut after = *cursor;
     loop {
         let batch = match inner.store.changes_since(after, BATCH).await {
             Ok(b) => b,
@@ -433,7 +433,7 @@ async fn poll_changes(inner: &Inner, cursor: &mut Option<i64>) {
             changes: batch.into(),
         });
         after = end;
-        *cursor = Some(end);
+        *cursor = end;
         if !full {
             return;
         }
