@@ -85,6 +85,11 @@ impl Drop for Guard {
 /// `qosmos serve` on free ports, logging to `{dir}/serve.log`.
 fn start_serve(dir: &Path) -> (Guard, u16, u16) {
     let (http, mqtt) = (free_port(), free_port());
+    (start_serve_on(dir, http, mqtt), http, mqtt)
+}
+
+/// `qosmos serve` on these ports (again, after a kill: same data directory).
+fn start_serve_on(dir: &Path, http: u16, mqtt: u16) -> Guard {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -112,7 +117,7 @@ fn start_serve(dir: &Path) -> (Guard, u16, u16) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (guard, http, mqtt)
+    guard
 }
 
 /// A process whose stderr goes to `{dir}/{name}.log`.
@@ -360,7 +365,7 @@ fn dashboard_is_live_in_a_real_browser() {
         return;
     };
     let dir = temp_dir("dashboard-browser");
-    let (_serve, http, mqtt) = start_serve(&dir);
+    let (serve, http, mqtt) = start_serve(&dir);
     let broker = format!("mqtt://127.0.0.1:{mqtt}");
     let serve_log = || std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
 
@@ -458,6 +463,39 @@ fn dashboard_is_live_in_a_real_browser() {
     let shot = screenshot_path();
     page.screenshot(&shot);
     eprintln!("dashboard screenshot: {}", shot.display());
+
+    // The service dies (SIGKILL) and comes back: the page says so, reconnects by itself
+    // and goes on showing new orders, still without a reload.
+    drop(serve);
+    page.wait_for(
+        "the lost connection",
+        "document.getElementById('conn').dataset.state !== 'live'",
+    );
+    let _serve = start_serve_on(&dir, http, mqtt);
+    page.wait_for(
+        "the connection back",
+        "document.getElementById('conn').dataset.state === 'live'",
+    );
+    let (code, answer) = try_http(http, "POST", "/api/orders", Some(&body)).expect("POST");
+    assert_eq!(code, 201, "{answer}");
+    let id2 = serde_json::from_str::<Value>(&answer).expect("JSON")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    page.wait_for(
+        "the order posted after the restart",
+        &format!("document.querySelector('#orders tr[data-order-id=\"{id2}\"]')"),
+    );
+    assert_eq!(
+        page.eval("window.__sameLoad"),
+        "yes",
+        "the page was reloaded"
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('#orders tr').length"),
+        2,
+        "both orders, once each"
+    );
     drop(page);
     let _ = std::fs::remove_dir_all(&dir);
 }
