@@ -3,7 +3,8 @@
 //!
 //! The source of truth is the database, not an in-process bus: one shared poller per
 //! [`EventHub`] reads [`OrderStore::changes_since`] every [`EventConfig::change_poll`]
-//! and fans the new status changes out to every subscriber through a
+//! (and within 20 ms of an order created through this process's API, see
+//! [`EventHub::nudge`]) and fans the new status changes out to every subscriber through a
 //! [`tokio::sync::broadcast`] channel. Several `qosmos serve` instances sharing one
 //! database therefore all show every change, whichever instance made it. The poller is
 //! started by the first subscriber and stops when the last one is gone.
@@ -40,6 +41,9 @@ use crate::store::{Change, OrderStore, StoreError};
 
 /// How many changes one database read returns, live or while replaying.
 const BATCH: u32 = 500;
+
+/// The least time between a [`EventHub::nudge`] and the poll it causes.
+const NUDGE_SPACING: Duration = Duration::from_millis(20);
 
 /// Timings and sizes of an [`EventHub`].
 #[derive(Debug, Clone)]
@@ -125,6 +129,7 @@ struct Inner {
     subscribers: AtomicUsize,
     resyncs: AtomicU64,
     closed: watch::Sender<bool>,
+    wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -163,6 +168,7 @@ impl EventHub {
                 subscribers: AtomicUsize::new(0),
                 resyncs: AtomicU64::new(0),
                 closed,
+                wake: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -190,6 +196,15 @@ impl EventHub {
             .poller
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the poller that this process just changed an order, so that it reads the
+    /// change feed now rather than at its next tick (changes made elsewhere, by another
+    /// instance, wait for the tick). Costs nothing while no stream is open.
+    pub fn nudge(&self) {
+        if self.poller_running() {
+            self.inner.wake.notify_one();
+        }
     }
 
     /// Ends every open stream (and refuses none: a stream opened later runs), so that a
@@ -404,6 +419,13 @@ async fn poll(inner: Arc<Inner>, mut cursor: i64) {
         tokio::select! {
             _ = changes_tick.tick() => poll_changes(&inner, &mut cursor).await,
             _ = stores_tick.tick() => poll_stores(&inner, &mut stores).await,
+            () = inner.wake.notified() => {
+                // A nudge polls now, but no more often than every NUDGE_SPACING: under
+                // a burst of orders the poller reads batches, not one query per order.
+                tokio::time::sleep(NUDGE_SPACING).await;
+                poll_changes(&inner, &mut cursor).await;
+                changes_tick.reset();
+            }
         }
         let mut running = inner.poller.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.tx.receiver_count() == 0 {

@@ -277,6 +277,9 @@ async fn create_order(
     let status = if created.fresh {
         tracing::info!(order_id = %id, store_id = %new.store_id, "order received");
         state.dispatcher.notify_new_order(&id);
+        if let Some(hub) = state.events.get() {
+            hub.nudge();
+        }
         StatusCode::CREATED
     } else {
         tracing::info!(order_id = %id, "idempotent retry answered with the stored order");

@@ -638,3 +638,25 @@ async fn a_lagging_stream_resyncs_from_the_database_and_misses_nothing() {
     assert!(end.is_ok(), "the stream did not end after close()");
     store.close().await;
 }
+
+#[tokio::test]
+async fn an_order_posted_here_is_streamed_at_once_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A poll a minute: only the nudge from POST /api/orders can bring the event in time.
+    let mut srv = Server::start(&dir.path().join("orders.db"), |s| {
+        s.with_event_config(EventConfig {
+            change_poll: Duration::from_secs(60),
+            stores_poll: Duration::from_secs(60),
+            ..EventConfig::default()
+        })
+    })
+    .await;
+    let mut events = EventStream::open(srv.addr, None).await;
+    greeting(&mut events).await;
+    for _ in 0..3 {
+        let id = post_order(srv.addr, "s").await;
+        assert_change(&events.change().await, &id, "received");
+    }
+    drop(events);
+    srv.stop().await;
+}
