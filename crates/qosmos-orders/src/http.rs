@@ -10,16 +10,20 @@
 //! value (`?store_id=`) means no filter.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::json;
@@ -27,10 +31,13 @@ use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
 use crate::dispatch::{Dispatcher, NoDirectory, NoDispatcher, StoreDirectory, Subscription};
+use crate::events::{EventConfig, EventHub, SubscribeError};
 use crate::id::OrderId;
 use crate::metrics::OrderMetrics;
 use crate::model::{InputError, NewOrder, Status, StoreId};
-use crate::store::{CreateError, IdempotencyKey, ListFilter, MAX_LIST_LIMIT, OrderStore};
+use crate::store::{
+    CreateError, IdempotencyKey, ListFilter, MAX_LIST_LIMIT, OrderStore, StoreError,
+};
 
 /// The largest `POST /api/orders` body accepted; larger gets `413`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -50,6 +57,9 @@ pub struct AppState {
     directory: Arc<dyn StoreDirectory>,
     metrics: Option<Arc<OrderMetrics>>,
     extra_metrics: Option<MetricsSource>,
+    event_config: EventConfig,
+    /// Made on first use from the store and directory above, shared by every clone.
+    events: Arc<OnceLock<EventHub>>,
 }
 
 /// More Prometheus text to append to `GET /metrics` (the embedded broker's metrics).
@@ -65,7 +75,16 @@ impl AppState {
             directory: Arc::new(NoDirectory),
             metrics: None,
             extra_metrics: None,
+            event_config: EventConfig::default(),
+            events: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Polls and keep-alive timings of `GET /api/events` (before its first use).
+    pub fn with_event_config(mut self, config: EventConfig) -> Self {
+        self.event_config = config;
+        self.events = Arc::new(OnceLock::new());
+        self
     }
 
     /// Serves `metrics` (the dispatcher's and the ack consumer's) on `GET /metrics`.
@@ -90,7 +109,20 @@ impl AppState {
     /// Answers `GET /api/stores` from `directory`.
     pub fn with_directory(mut self, directory: Arc<dyn StoreDirectory>) -> Self {
         self.directory = directory;
+        self.events = Arc::new(OnceLock::new());
         self
+    }
+
+    /// The live event hub behind `GET /api/events`: one per state (and its clones), made on
+    /// first use from the store and the directory. [`EventHub::close`] ends its streams.
+    pub fn events(&self) -> &EventHub {
+        self.events.get_or_init(|| {
+            EventHub::new(
+                self.store.clone(),
+                self.directory.clone(),
+                self.event_config.clone(),
+            )
+        })
     }
 
     /// The order store.
@@ -115,6 +147,7 @@ impl std::fmt::Debug for AppState {
 /// | `GET /api/orders/{id}` | one order with history |
 /// | `GET /api/orders?store_id=&status=&limit=` | newest first |
 /// | `GET /api/stores` | stores: online, subscriptions, pending |
+/// | `GET /api/events` | live events (server-sent events): order status changes, stores; see [`crate::events`] |
 /// | `GET /api/openapi.json` | this API as OpenAPI 3.1 |
 /// | `GET /healthz` | 200 when the database answers |
 /// | `GET /metrics` | Prometheus text: the service's metrics, then any extra source's |
@@ -124,6 +157,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/orders", get(list_orders).post(create_order))
         .route("/api/orders/{id}", get(get_order))
         .route("/api/stores", get(list_stores))
+        .route("/api/events", get(events))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -133,15 +167,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves [`router`] on `listener` until `shutdown` completes, then finishes the
-/// requests in progress.
+/// Serves [`router`] on `listener` until `shutdown` completes, then ends the event
+/// streams and finishes the requests in progress.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let hub = state.events().clone();
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            hub.close();
+        })
         .await
 }
 
@@ -239,6 +277,9 @@ async fn create_order(
     let status = if created.fresh {
         tracing::info!(order_id = %id, store_id = %new.store_id, "order received");
         state.dispatcher.notify_new_order(&id);
+        if let Some(hub) = state.events.get() {
+            hub.nudge();
+        }
         StatusCode::CREATED
     } else {
         tracing::info!(order_id = %id, "idempotent retry answered with the stored order");
@@ -321,7 +362,7 @@ fn parse_list_query(pairs: &[(String, String)]) -> Result<ListFilter, ApiError> 
 
 /// One row of `GET /api/stores`.
 #[derive(Debug, Serialize)]
-struct StoreView {
+pub(crate) struct StoreView {
     store_id: StoreId,
     online: bool,
     subscriptions: Vec<Subscription>,
@@ -329,13 +370,21 @@ struct StoreView {
 }
 
 async fn list_stores(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut pending = state
-        .store
-        .pending_by_store()
+    let rows = store_rows(&state.store, state.directory.as_ref())
         .await
         .map_err(|e| ApiError::internal("counting pending orders failed", &e))?;
+    Ok(Json(rows).into_response())
+}
+
+/// The rows of `GET /api/stores` (also the `stores` event): the directory's stores and
+/// every store with pending orders, by id.
+pub(crate) async fn store_rows(
+    store: &OrderStore,
+    directory: &dyn StoreDirectory,
+) -> Result<Vec<StoreView>, StoreError> {
+    let mut pending = store.pending_by_store().await?;
     let mut rows: BTreeMap<StoreId, StoreView> = BTreeMap::new();
-    for p in state.directory.stores() {
+    for p in directory.stores() {
         let n = pending.remove(&p.store_id).unwrap_or(0);
         rows.insert(
             p.store_id.clone(),
@@ -358,7 +407,39 @@ async fn list_stores(State(state): State<AppState>) -> Result<Response, ApiError
             },
         );
     }
-    Ok(Json(rows.into_values().collect::<Vec<_>>()).into_response())
+    Ok(rows.into_values().collect())
+}
+
+/// `GET /api/events`: see [`crate::events`].
+async fn events(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                SubscribeError::BadLastEventId.to_string(),
+            )
+        })?),
+    };
+    let hub = state.events();
+    let stream = match hub.subscribe(last_event_id).await {
+        Ok(s) => s,
+        Err(e @ SubscribeError::BadLastEventId) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string()));
+        }
+        Err(SubscribeError::Store(e)) => {
+            return Err(ApiError::internal("opening the event stream failed", &e));
+        }
+    };
+    let stream = stream.map(|e| Ok::<_, Infallible>(e.to_sse()));
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(hub.config().keep_alive))
+        .into_response();
+    // A reverse proxy (nginx) must pass each event on at once.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -377,6 +458,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .as_ref()
         .map(|m| m.render())
         .unwrap_or_default();
+    let hub = state.events();
+    let _ = write!(
+        text,
+        "# HELP qosmos_orders_event_streams Open GET /api/events streams.\n\
+         # TYPE qosmos_orders_event_streams gauge\n\
+         qosmos_orders_event_streams {}\n\
+         # HELP qosmos_orders_event_poller_running 1 while the shared change poller runs (while a stream is open).\n\
+         # TYPE qosmos_orders_event_poller_running gauge\n\
+         qosmos_orders_event_poller_running {}\n\
+         # HELP qosmos_orders_event_resyncs_total Event streams that fell behind and resynced from the database.\n\
+         # TYPE qosmos_orders_event_resyncs_total counter\n\
+         qosmos_orders_event_resyncs_total {}\n",
+        hub.subscribers(),
+        u8::from(hub.poller_running()),
+        hub.resyncs()
+    );
     if let Some(extra) = &state.extra_metrics {
         text.push_str(&extra());
     }
@@ -403,7 +500,13 @@ mod tests {
     fn openapi_document_is_json_and_covers_the_routes() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
         assert_eq!(doc["openapi"], "3.1.0");
-        for path in ["/api/orders", "/api/orders/{id}", "/api/stores", "/healthz"] {
+        for path in [
+            "/api/orders",
+            "/api/orders/{id}",
+            "/api/stores",
+            "/api/events",
+            "/healthz",
+        ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing");
         }
     }

@@ -37,6 +37,9 @@
 //!   wait that doubles per attempt, and [`store::OrderStore::pending_by_store`]).
 //! - [`http`]: the axum router ([`http::router`]) and [`http::serve`], `/metrics`
 //!   included.
+//! - [`events`]: `GET /api/events`, the live server-sent events behind the dashboard:
+//!   every order status change (read from the database's change feed by one shared
+//!   poller, resumable with `Last-Event-ID`) and the stores whenever they change.
 //! - [`dispatcher`]: the outbox dispatcher: QoS 2 publishes of `orders/{store_id}`
 //!   through `qosmos-client`, `dispatched` on PUBCOMP, woken by each new order, scanning
 //!   for orders a restart left `received` and for acks overdue, and, when a store comes
@@ -75,9 +78,10 @@
 //!
 //! # What it does not do yet
 //! - **Dashboard**: `GET /` shows stores (online, subscriptions with the granted QoS, below
-//!   QoS 2 flagged in red), the broker's subscriptions and the latest orders, by polling
-//!   the API every second: no server push (SSE / WebSocket) yet, and no browser test
-//!   (no Chromium here).
+//!   QoS 2 flagged in red), the broker's subscriptions and the latest orders, live: it
+//!   loads the API once, then applies the server-sent events of `GET /api/events`
+//!   ([`events`]). It shows the latest 50 orders only (no paging or search), and the
+//!   broker's subscriptions are re-read when the stores change rather than streamed.
 //! - **Store directory with an external broker** (`serve --broker`): the broker's sessions
 //!   are not visible, so a store is listed online when an ack came from it in the last
 //!   five minutes, with no subscriptions; pending counts are exact.
@@ -98,6 +102,7 @@ pub mod agent;
 pub mod directory;
 pub mod dispatch;
 pub mod dispatcher;
+pub mod events;
 pub mod http;
 pub mod id;
 pub mod journal;
