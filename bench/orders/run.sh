@@ -20,7 +20,7 @@
 #   r1000    1,000 orders/s offered (open loop) for D seconds
 #   r100     100 orders/s offered for D seconds
 # Needs: mosquitto (Debian), python3 with .venv from .ci/requirements.txt + gunicorn
-# waitress (created here if missing).
+# waitress (created here if missing; VENV=DIR uses another virtualenv).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="${2:-}"; shift ;;
         --no-build) BUILD=0 ;;
         --tmpfs) TMPFS=1 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -59,7 +59,7 @@ else
     SECS=8; N_MAX_SEED=2000; N_MAX_QOSMOS=15000
 fi
 
-VENV="$ROOT/.venv"
+VENV="${VENV:-$ROOT/.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q -r "$ROOT/.ci/requirements.txt" gunicorn waitress
