@@ -322,6 +322,25 @@ impl OrderStore {
         }
     }
 
+    /// Every order that [`OrderStore::create`] stores from now on (through this store or a
+    /// clone of it), sent once its transaction is committed and before its caller is
+    /// answered: the dispatcher's source of new orders, without reading them back. When the
+    /// channel (of `capacity`) is full, the order is not sent and `overflow` is notified
+    /// instead (the reader should then scan the store for what it missed).
+    pub fn created_orders(
+        &self,
+        capacity: usize,
+        overflow: Arc<tokio::sync::Notify>,
+    ) -> tokio::sync::mpsc::Receiver<Order> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        self.writer
+            .feeds()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((tx, overflow));
+        rx
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -1006,6 +1025,34 @@ mod tests {
             store.create(&body("s1", "c"), None).await,
             Err(CreateError::Store(StoreError::Closed))
         ));
+    }
+
+    #[tokio::test]
+    async fn created_orders_feed_gets_each_stored_order_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        let overflow = Arc::new(tokio::sync::Notify::new());
+        let mut feed = store.created_orders(1, overflow.clone());
+        let key = IdempotencyKey::parse("k").expect("key");
+        let a = store.create(&body("s1", "a"), Some(&key)).await.expect("a");
+        let again = store
+            .create(&body("s1", "a"), Some(&key))
+            .await
+            .expect("retry");
+        assert!(!again.fresh);
+        let got = feed.try_recv().expect("fed before create returned");
+        assert_eq!(got, a.order.order);
+        assert!(feed.try_recv().is_err(), "a retry is not fed again");
+        // A full feed notifies the overflow instead.
+        store.create(&body("s1", "b"), None).await.expect("b");
+        store.create(&body("s1", "c"), None).await.expect("c");
+        tokio::time::timeout(Duration::from_secs(5), overflow.notified())
+            .await
+            .expect("overflow notified");
+        assert_eq!(feed.try_recv().expect("b").items[0].sku, "b");
+        store.close().await;
     }
 
     #[tokio::test]

@@ -78,7 +78,12 @@ pub(crate) enum Request {
 pub(crate) struct Writer {
     tx: mpsc::Sender<Request>,
     stats: Arc<Counters>,
+    feeds: Feeds,
 }
+
+/// Where the orders stored are sent after their commit, and what to wake when one of
+/// those channels is full.
+pub(crate) type Feeds = Arc<std::sync::Mutex<Vec<(mpsc::Sender<Order>, Arc<tokio::sync::Notify>)>>>;
 
 /// What the writer did so far.
 #[derive(Debug, Default)]
@@ -130,12 +135,14 @@ impl Writer {
         let (ready_tx, ready_rx) = oneshot::channel();
         let stats = Arc::new(Counters::default());
         let counters = stats.clone();
+        let feeds = Feeds::default();
+        let to_feed = feeds.clone();
         std::thread::Builder::new()
             .name("order-store-writer".into())
             .spawn(move || match open(&path, busy_timeout) {
                 Ok(conn) => {
                     let _ = ready_tx.send(Ok(()));
-                    run(conn, rx, &ids, &counters);
+                    run(conn, rx, &ids, &counters, &to_feed);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -145,12 +152,17 @@ impl Writer {
         ready_rx
             .await
             .map_err(|_| StoreError::Writer("the writer thread died while opening".into()))??;
-        Ok(Writer { tx, stats })
+        Ok(Writer { tx, stats, feeds })
     }
 
     /// The counters.
     pub(crate) fn stats(&self) -> &Counters {
         &self.stats
+    }
+
+    /// The feeds of orders stored.
+    pub(crate) fn feeds(&self) -> &Feeds {
+        &self.feeds
     }
 
     /// Queues `req`; `false` if the writer is closed.
@@ -215,7 +227,13 @@ impl Pending {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, ids: &IdGenerator, stats: &Counters) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Request>,
+    ids: &IdGenerator,
+    stats: &Counters,
+    feeds: &Feeds,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut answers = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -240,6 +258,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, ids: &IdGenerator,
             Ok(committed) => {
                 if committed {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
+                    feed(feeds, &answers);
                 }
                 answers.drain(..).for_each(Pending::send);
             }
@@ -255,6 +274,29 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Request>, ids: &IdGenerator,
             // Anything queued after the close is answered by dropping its reply sender.
             rx.close();
             return;
+        }
+    }
+}
+
+/// Sends the orders this batch stored to the feeds, before their callers are answered.
+fn feed(feeds: &Feeds, answers: &[Pending]) {
+    let mut feeds = feeds.lock().unwrap_or_else(|e| e.into_inner());
+    if feeds.is_empty() {
+        return;
+    }
+    for a in answers {
+        if let Pending::Create(_, Ok(c)) = a {
+            if !c.fresh {
+                continue;
+            }
+            feeds.retain(|(tx, overflow)| match tx.try_send(c.order.order.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    overflow.notify_one();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
         }
     }
 }
