@@ -317,11 +317,11 @@ fn apply(
     for req in batch.drain(..) {
         match req {
             Request::Create { new, key, reply } => {
-                let r = item(conn, |c| create(c, ids, &new, key.as_ref()));
+                let r = item(conn, |c| create(c, ids, &new, key.as_ref()))?;
                 answers.push(Pending::Create(reply, r));
             }
             Request::Dispatched { id, reply } => {
-                let r = item(conn, |c| mark_dispatched(c, &id));
+                let r = item(conn, |c| mark_dispatched(c, &id))?;
                 answers.push(Pending::Transition(reply, r));
             }
             Request::Ack {
@@ -333,7 +333,7 @@ fn apply(
             } => {
                 let r = item(conn, |c| {
                     record_ack(c, &id, from.as_ref(), outcome, reason.as_deref())
-                });
+                })?;
                 answers.push(Pending::Transition(reply, r));
             }
             #[cfg(test)]
@@ -347,24 +347,21 @@ fn apply(
     Ok(writes > 0)
 }
 
-/// Runs one request inside a savepoint: rolled back alone when it fails.
-fn item<T, E>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E>
-where
-    E: From<StoreError>,
-{
-    if let Err(e) = conn.execute_batch("SAVEPOINT item") {
-        return Err(StoreError::from(e).into());
-    }
+/// Runs one request inside a savepoint: rolled back alone when it fails. The outer error
+/// (the savepoint itself failed) fails the whole batch: what the transaction holds is then
+/// unknown, so nothing of it may be committed.
+fn item<T, E>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<Result<T, E>, StoreError> {
+    conn.execute_batch("SAVEPOINT item")?;
     let r = f(conn);
-    let end = if r.is_ok() {
-        conn.execute_batch("RELEASE item")
+    if r.is_ok() {
+        conn.execute_batch("RELEASE item")?;
     } else {
-        conn.execute_batch("ROLLBACK TO item; RELEASE item")
-    };
-    match end {
-        Ok(()) => r,
-        Err(e) => Err(StoreError::from(e).into()),
+        conn.execute_batch("ROLLBACK TO item; RELEASE item")?;
     }
+    Ok(r)
 }
 
 fn create(
