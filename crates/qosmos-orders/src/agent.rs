@@ -11,8 +11,9 @@
 //!    (exit 0 accepts; anything else rejects, with CMD's stderr as the reason).
 //! 3. The ack `{"order_id", "status", "reason"?}` is published at QoS 2 on
 //!    `acks/{store_id}`, and the agent waits for PUBCOMP.
-//! 4. Only then does the handler return, and the client acknowledge the order to the broker
-//!    (PUBREC): until that point a crash makes the broker deliver the order again.
+//! 4. Only then is the message let go (the handler returns, or the task holding it ends),
+//!    and the client acknowledges the order to the broker (PUBREC): until that point a
+//!    crash makes the broker deliver the order again.
 //!
 //! Recording before printing makes printing at most once: the journal line is written,
 //! then the order line, then the journal is synced (before the ack). A SIGKILL between
@@ -176,7 +177,7 @@ impl Agent {
         &self.client
     }
 
-    /// Disconnects, after the order being handled (if any) is acknowledged.
+    /// Disconnects, after the orders being handled (if any) are acknowledged.
     pub async fn stop(self) {
         self.client.disconnect().await;
     }
