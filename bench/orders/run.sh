@@ -3,6 +3,7 @@
 # next to `qosmos serve` + `qosmos store`, same load generator, same machine.
 #
 # Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
+#                            [--baseline BIN]
 #
 #   --quick     fewer orders (about a minute in all instead of several)
 #   --only S    run one stack only
@@ -12,6 +13,8 @@
 #               /dev/shm (a diagnostic: fsync becomes free, what is left is CPU)
 #   --out DIR   where logs and results.jsonl go (default: a new directory under /tmp)
 #   --no-build  use target/release/qosmos as it is
+#   --baseline BIN  also run the qosmos scenarios with another build of qosmos (e.g. one
+#               from before a change), labelled qosmos-baseline/*, in the same run
 #
 # Every scenario starts its stack fresh (new database, new broker) on free loopback
 # ports and stops it afterwards; each process also runs under `timeout`, so nothing
@@ -20,7 +23,7 @@
 #   r1000    1,000 orders/s offered (open loop) for D seconds
 #   r100     100 orders/s offered for D seconds
 # Needs: mosquitto (Debian), python3 with .venv from .ci/requirements.txt + gunicorn
-# waitress (created here if missing).
+# waitress (created here if missing; VENV=DIR uses another virtualenv).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +34,7 @@ VARIANTS=0
 OUT=""
 BUILD=1
 TMPFS=0
+BASELINE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -39,7 +43,8 @@ while [ $# -gt 0 ]; do
         --out) OUT="${2:-}"; shift ;;
         --no-build) BUILD=0 ;;
         --tmpfs) TMPFS=1 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --baseline) BASELINE="${2:-}"; shift ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -59,7 +64,7 @@ else
     SECS=8; N_MAX_SEED=2000; N_MAX_QOSMOS=15000
 fi
 
-VENV="$ROOT/.venv"
+VENV="${VENV:-$ROOT/.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q -r "$ROOT/.ci/requirements.txt" gunicorn waitress
@@ -149,18 +154,18 @@ EOF
     URL="http://127.0.0.1:$hport"
 }
 
-start_qosmos() {
-    local dir=$1 mport hport data
+start_qosmos() { # DIR [BIN]
+    local dir=$1 bin=${2:-$QOSMOS} mport hport data
     data="$DATA_ROOT/${dir#"$OUT"/}"
     mkdir -p "$data"
     mport=$(free_port); hport=$(free_port)
-    timeout $MAXLIFE "$QOSMOS" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
+    timeout $MAXLIFE "$bin" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
         --data-dir "$data/serve" > "$dir/serve.log" 2>&1 &
     PIDS+=($!)
     wait_http "http://127.0.0.1:$hport/healthz" 20
     local s
     for s in $(seq 0 $((STORES - 1))); do
-        timeout $MAXLIFE "$QOSMOS" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
+        timeout $MAXLIFE "$bin" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
             --data-dir "$data/store-$s" > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
         PIDS+=($!)
     done
@@ -173,7 +178,11 @@ scenario() {
     local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s
     dir="$OUT/$label"
     mkdir -p "$dir"
-    if [ "$stack" = qosmos ]; then start_qosmos "$dir"; else start_seed "$dir" "$stack"; fi
+    case "$stack" in
+        qosmos) start_qosmos "$dir" ;;
+        baseline) start_qosmos "$dir" "$BASELINE" ;;
+        *) start_seed "$dir" "$stack" ;;
+    esac
     timeout_s=$((n / 50 + 60))
     echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
     timeout $((timeout_s + 60)) "$PY" "$HERE/load.py" --url "$URL" --orders "$n" --stores $STORES \
@@ -196,6 +205,11 @@ if [ "$ONLY" != seed ]; then
     scenario qosmos qosmos/max $N_MAX_QOSMOS 0
     scenario qosmos qosmos/r100 $((100 * SECS)) 100
     scenario qosmos qosmos/r1000 $((1000 * SECS)) 1000
+    if [ -n "$BASELINE" ]; then
+        scenario baseline qosmos-baseline/max $N_MAX_QOSMOS 0
+        scenario baseline qosmos-baseline/r100 $((100 * SECS)) 100
+        scenario baseline qosmos-baseline/r1000 $((1000 * SECS)) 1000
+    fi
 fi
 
 "$PY" "$HERE/table.py" "$RESULTS"

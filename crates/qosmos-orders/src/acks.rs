@@ -2,8 +2,10 @@
 //!
 //! It subscribes to `acks/+` at QoS 2, as the shared subscription `$share/qosmos/acks/+`
 //! under MQTT 5 so that several `qosmos serve` instances split the acks between them (each
-//! ack handled by one). An ack is applied with [`OrderStore::record_ack`] before the message
-//! is acknowledged to the broker; a payload that cannot be used (not the ack JSON, an unknown
+//! ack handled by one). An ack is applied with [`OrderStore::record_ack_from`] (which also
+//! checks that the order is the sending store's) before the message is acknowledged to the
+//! broker; acks are handled concurrently and committed in groups by the store's writer;
+//! a payload that cannot be used (not the ack JSON, an unknown
 //! order, an order of another store) is logged, counted and acknowledged, so it is not
 //! delivered again forever.
 //!
@@ -56,11 +58,19 @@ impl AckConsumer {
 
     /// Routes `acks/+` (shared or not: routing ignores a `$share/{group}/` prefix) of
     /// `client` to this consumer. Call it before the client can receive anything.
+    ///
+    /// Acks are handled concurrently: the route hands each message to a task of its own and
+    /// returns at once, so the client goes on reading the next ack. The task keeps the
+    /// message, and with it the acknowledgement to the broker (PUBREC), until
+    /// [`AckConsumer::handle`] has the ack committed; the order store's writer commits all
+    /// the acks waiting in one transaction. How many acks are open at once is bounded by
+    /// the client's Receive Maximum.
     pub fn route(&self, client: &Client) {
         let me = self.clone();
         client.route("acks/+", move |msg| {
             let me = me.clone();
-            async move { me.handle(msg).await }
+            tokio::spawn(async move { me.handle(msg).await });
+            std::future::ready(())
         });
     }
 
@@ -123,27 +133,11 @@ impl AckConsumer {
             }
         };
         self.presence.saw(&store_id);
-        match self.store.summary(&ack.order_id).await {
-            Ok(Some(s)) if s.order.store_id == store_id => {}
-            Ok(Some(s)) => {
-                OrderMetrics::inc(&m.acks_invalid_total);
-                tracing::warn!(order_id = %ack.order_id, from = %store_id, owner = %s.order.store_id,
-                    "ack from a store the order is not for: dropped");
-                return;
-            }
-            Ok(None) => {
-                OrderMetrics::inc(&m.acks_invalid_total);
-                tracing::warn!(order_id = %ack.order_id, store_id = %store_id, "ack for an unknown order: dropped");
-                return;
-            }
-            // Not fatal: record_ack below tries again and reports.
-            Err(e) => tracing::warn!(error = %e, "reading an acknowledged order failed"),
-        }
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=6 {
             match self
                 .store
-                .record_ack(&ack.order_id, ack.status, ack.reason.as_deref())
+                .record_ack_from(&store_id, &ack.order_id, ack.status, ack.reason.as_deref())
                 .await
             {
                 Ok(Transition::Moved { to, .. }) => {
@@ -158,6 +152,13 @@ impl AckConsumer {
                 }
                 Err(TransitionError::NotFound(_)) => {
                     OrderMetrics::inc(&m.acks_invalid_total);
+                    tracing::warn!(order_id = %ack.order_id, store_id = %store_id, "ack for an unknown order: dropped");
+                    return;
+                }
+                Err(TransitionError::WrongStore { owner, .. }) => {
+                    OrderMetrics::inc(&m.acks_invalid_total);
+                    tracing::warn!(order_id = %ack.order_id, from = %store_id, owner = %owner,
+                        "ack from a store the order is not for: dropped");
                     return;
                 }
                 Err(e) => {

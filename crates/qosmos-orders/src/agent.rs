@@ -4,14 +4,16 @@
 //! For each order on `orders/{store_id}`:
 //! 1. If the [`Journal`] knows its id, it was handled before (the service dispatched it
 //!    again because the ack was lost or late): the same ack is sent again, nothing else.
-//! 2. Otherwise, without `--exec`: the outcome `accepted` is recorded durably, then the order
-//!    JSON is printed as one line on stdout (and flushed). With `--exec CMD`: `started` is
+//! 2. Otherwise, without `--exec`: the outcome `accepted` is written to the journal, then the
+//!    order JSON is printed as one line on stdout (and flushed), then the journal is synced.
+//!    With `--exec CMD`: `started` is
 //!    recorded, CMD runs once with the order JSON on stdin, and its outcome is recorded
 //!    (exit 0 accepts; anything else rejects, with CMD's stderr as the reason).
 //! 3. The ack `{"order_id", "status", "reason"?}` is published at QoS 2 on
 //!    `acks/{store_id}`, and the agent waits for PUBCOMP.
-//! 4. Only then does the handler return, and the client acknowledge the order to the broker
-//!    (PUBREC): until that point a crash makes the broker deliver the order again.
+//! 4. Only then is the message let go (the handler returns, or the task holding it ends),
+//!    and the client acknowledges the order to the broker (PUBREC): until that point a
+//!    crash makes the broker deliver the order again.
 //!
 //! Recording before printing makes printing at most once: the journal line is written,
 //! then the order line, then the journal is synced (before the ack). A SIGKILL between
@@ -21,6 +23,14 @@
 //! printed but not yet acknowledged may be printed again. An `--exec` order found
 //! `started` after a restart is not run again (it may have done its work): it is rejected
 //! with a reason saying so, which makes the store's staff look at it.
+//!
+//! Group flush (without `--exec`): orders are not handled one at a time. The route hands
+//! each order, in arrival order, to one flusher thread and returns, so the next order is
+//! read at once; the flusher takes every order waiting, writes and prints them in that
+//! order, syncs the journal ONCE (`fdatasync`) for the group, and only then lets their acks
+//! go (orders arriving during a sync join the next group). Each order's ack and its
+//! acknowledgement to the broker still come after its journal line is on disk. With
+//! `--exec`, orders are handled one at a time, in order, as before.
 //!
 //! The agent keeps a persistent session (client id `qosmos-store-{store_id}`, clean start
 //! off, 30-day session expiry), so orders published while it is down wait in the broker.
@@ -34,6 +44,7 @@ use bytes::Bytes;
 use qosmos_client::mqtt::{Publish, QoS};
 use qosmos_client::{Client, ClientError, ClientOptions, Message, SubscribeOutcome};
 use tokio::io::AsyncWriteExt as _;
+use tokio::sync::oneshot;
 
 use crate::journal::{Handled, Journal};
 use crate::model::{Ack, AckOutcome, Order, StoreId};
@@ -85,7 +96,7 @@ pub fn client_options(base: ClientOptions, store_id: &StoreId) -> ClientOptions 
         .clean_start(false)
         .session_expiry(SESSION_EXPIRY_SECS)
         .keep_alive(30)
-        .receive_maximum(16)
+        .receive_maximum(64)
 }
 
 impl Agent {
@@ -104,12 +115,25 @@ impl Agent {
         let opts = client_options(base, &config.store_id);
         let topic = format!("orders/{}", config.store_id);
         let journal = Arc::new(Mutex::new(journal));
+        // Without --exec, one thread journals and prints the orders, a group at a time.
+        let flusher = match config.exec {
+            None => {
+                Some(
+                    Flusher::start(journal.clone()).map_err(|source| AgentError::Journal {
+                        dir: config.data_dir.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
+            Some(_) => None,
+        };
         // The route goes on before the connection can deliver: the broker resends a resumed
         // session's unacknowledged orders at once.
         let register = |client: &Client, mqtt5: bool| {
             let handler = Arc::new(Handler {
                 client: client.clone(),
                 journal: journal.clone(),
+                flusher: flusher.clone(),
                 ack_topic: format!("acks/{}", config.store_id),
                 store_id: config.store_id.clone(),
                 exec: config.exec.clone(),
@@ -117,7 +141,15 @@ impl Agent {
             });
             client.route(&topic, move |msg| {
                 let h = handler.clone();
-                async move { h.handle(msg).await }
+                // Without --exec the order is queued to the flusher here, in arrival order,
+                // and the rest runs on a task: the route returns and the next order is read.
+                // With --exec, one order at a time in the route.
+                let inline = Handler::queue(&h, msg);
+                async move {
+                    if let Some(msg) = inline {
+                        h.handle(msg).await;
+                    }
+                }
             });
         };
         let (client, _mqtt5) = crate::service::connect_routed(opts, register).await?;
@@ -145,7 +177,7 @@ impl Agent {
         &self.client
     }
 
-    /// Disconnects, after the order being handled (if any) is acknowledged.
+    /// Disconnects, after the orders being handled (if any) are acknowledged.
     pub async fn stop(self) {
         self.client.disconnect().await;
     }
@@ -154,6 +186,7 @@ impl Agent {
 struct Handler {
     client: Client,
     journal: Arc<Mutex<Journal>>,
+    flusher: Option<Flusher>,
     ack_topic: String,
     store_id: StoreId,
     exec: Option<String>,
@@ -161,21 +194,53 @@ struct Handler {
 }
 
 impl Handler {
-    async fn handle(&self, msg: Message) {
+    /// Without `--exec`: queues the order to the flusher and spawns the wait for its flush
+    /// and the ack; the message (and with it the acknowledgement to the broker) is held by
+    /// that task until the ack is delivered. With `--exec`: gives the message back.
+    fn queue(me: &Arc<Handler>, msg: Message) -> Option<Message> {
+        let Some(flusher) = &me.flusher else {
+            return Some(msg);
+        };
+        let order = me.parse(&msg)?;
+        let (reply, done) = oneshot::channel();
+        flusher.send(order.clone(), reply);
+        let me = me.clone();
+        tokio::spawn(async move {
+            let Ok((status, reason)) = done.await else {
+                // The flusher is gone (it exits the process on a journal failure): no ack,
+                // no acknowledgement; the broker delivers the order again after a restart.
+                std::mem::forget(msg);
+                return;
+            };
+            me.ack(&order, status, reason).await;
+            drop(msg);
+        });
+        None
+    }
+
+    /// The order in `msg`, if it is one for this store (else logged and dropped).
+    fn parse(&self, msg: &Message) -> Option<Order> {
         let order: Order = match serde_json::from_slice(&msg.payload) {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(topic = %msg.topic, error = %e,
                     payload = %String::from_utf8_lossy(&msg.payload),
                     "not an order: dropped");
-                return;
+                return None;
             }
         };
         if order.store_id != self.store_id {
             tracing::error!(order_id = %order.id, store_id = %order.store_id,
                 "an order for another store on our topic: dropped");
-            return;
+            return None;
         }
+        Some(order)
+    }
+
+    async fn handle(&self, msg: Message) {
+        let Some(order) = self.parse(&msg) else {
+            return;
+        };
         let known = self.lookup(&order).await;
         let (status, reason) = match known {
             Some(Handled::Done { status, reason }) => {
@@ -246,48 +311,9 @@ impl Handler {
     }
 
     async fn first_time(&self, order: &Order) -> Result<(AckOutcome, Option<String>), ()> {
+        // Only --exec orders are handled here; the others go to the flusher.
         let Some(cmd) = &self.exec else {
-            // The journal line, then the order line, then the sync, in one blocking call.
-            // A SIGKILL cannot undo a write() that returned (the page cache outlives the
-            // process), so the only moment a kill loses the order's line (recorded, not
-            // printed) is between these two write() calls; it can never print it twice.
-            // The sync comes before the ack and the MQTT acknowledgement.
-            let journal = self.journal.clone();
-            let id = order.id.clone();
-            let mut line = order.to_payload();
-            line.push(b'\n');
-            let done = tokio::task::spawn_blocking(move || {
-                let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-                let mut out = std::io::stdout().lock();
-                journal
-                    .append(
-                        &id,
-                        Handled::Done {
-                            status: AckOutcome::Accepted,
-                            reason: None,
-                        },
-                    )
-                    .map_err(|e| (true, e))?;
-                let printed = out.write_all(&line).and_then(|()| out.flush());
-                journal.sync().map_err(|e| (true, e))?;
-                printed.map_err(|e| (false, e))
-            })
-            .await;
-            match done {
-                Ok(Ok(())) => tracing::info!(order_id = %order.id, "order printed"),
-                Ok(Err((true, e))) => {
-                    tracing::error!(order_id = %order.id, error = %e, "cannot write the journal: stopping");
-                    std::process::exit(1);
-                }
-                Ok(Err((false, e))) => {
-                    tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
-                }
-                Err(e) => {
-                    tracing::error!(order_id = %order.id, error = %e, "the journal and print task failed");
-                    return Err(());
-                }
-            }
-            return Ok((AckOutcome::Accepted, None));
+            return Err(());
         };
         self.write(order, Handled::Started).await?;
         let (status, reason) = run_exec(cmd, &order.to_payload()).await;
@@ -315,6 +341,111 @@ impl Handler {
             // The service dispatches the order again after its ack timeout; the journal
             // then sends this same ack again.
             Err(e) => tracing::warn!(order_id = %order.id, error = %e, "publishing the ack failed"),
+        }
+    }
+}
+
+/// The most orders journaled with one sync.
+const MAX_FLUSH: usize = 256;
+
+/// An order for the flusher, and where its outcome goes once it is on disk.
+type FlushRequest = (Order, oneshot::Sender<(AckOutcome, Option<String>)>);
+
+/// Journals and prints orders (without `--exec`) on a thread of its own, a group at a
+/// time: for each order waiting, in arrival order, the journal line is written and then
+/// the order line printed (so a SIGKILL can lose a printed line, never repeat one); then
+/// ONE `fdatasync` covers the group, and only then is any of them answered (and so
+/// acknowledged). Orders that arrive during a sync join the next group. An order the
+/// journal already knows (a redispatch, even one queued in the same group) is not printed
+/// again: it is answered with its recorded outcome.
+#[derive(Debug, Clone)]
+struct Flusher {
+    tx: std::sync::mpsc::Sender<FlushRequest>,
+}
+
+impl Flusher {
+    fn start(journal: Arc<Mutex<Journal>>) -> std::io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("journal-flusher".into())
+            .spawn(move || flush_loop(&journal, &rx))?;
+        Ok(Flusher { tx })
+    }
+
+    /// Queues `order`; `reply` gets its outcome once it is synced. If the flusher is gone,
+    /// `reply` is dropped unanswered.
+    fn send(&self, order: Order, reply: oneshot::Sender<(AckOutcome, Option<String>)>) {
+        let _ = self.tx.send((order, reply));
+    }
+}
+
+fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequest>) {
+    let mut batch = Vec::with_capacity(MAX_FLUSH);
+    let mut answers = Vec::with_capacity(MAX_FLUSH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_FLUSH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::io::stdout().lock();
+        let mut appended = false;
+        for (order, reply) in batch.drain(..) {
+            let fail = |e: std::io::Error| -> ! {
+                tracing::error!(order_id = %order.id, error = %e, "cannot write the journal: stopping");
+                std::process::exit(1);
+            };
+            let answer = match j.get(&order.id).cloned() {
+                Some(Handled::Done { status, reason }) => {
+                    tracing::info!(order_id = %order.id, "order handled before: sending its ack again");
+                    (status, reason)
+                }
+                Some(Handled::Started) => {
+                    let reason = "the agent stopped while --exec ran for this order; not run \
+                                  again so that it is not handled twice"
+                        .to_owned();
+                    tracing::warn!(order_id = %order.id, "{reason}");
+                    let h = Handled::Done {
+                        status: AckOutcome::Rejected,
+                        reason: Some(reason.clone()),
+                    };
+                    j.append(&order.id, h).unwrap_or_else(|e| fail(e));
+                    appended = true;
+                    (AckOutcome::Rejected, Some(reason))
+                }
+                None => {
+                    let h = Handled::Done {
+                        status: AckOutcome::Accepted,
+                        reason: None,
+                    };
+                    j.append(&order.id, h).unwrap_or_else(|e| fail(e));
+                    appended = true;
+                    let mut line = order.to_payload();
+                    line.push(b'\n');
+                    match out.write_all(&line).and_then(|()| out.flush()) {
+                        Ok(()) => tracing::info!(order_id = %order.id, "order printed"),
+                        Err(e) => {
+                            tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
+                        }
+                    }
+                    (AckOutcome::Accepted, None)
+                }
+            };
+            answers.push((reply, answer));
+        }
+        drop(out);
+        if appended {
+            if let Err(e) = j.sync() {
+                tracing::error!(error = %e, "cannot sync the journal: stopping");
+                std::process::exit(1);
+            }
+        }
+        drop(j);
+        for (reply, answer) in answers.drain(..) {
+            let _ = reply.send(answer);
         }
     }
 }

@@ -18,7 +18,10 @@ use crate::model::StoreId;
 ///
 /// The call is a hint: it must not block (hand the id to a task through a channel),
 /// and losing it loses nothing, since the order is already stored as `received`.
+/// [`crate::dispatcher::MqttDispatcher`] ignores it: it gets every order this process
+/// stores, whole, from [`OrderStore::created_orders`] as it is committed.
 ///
+/// [`OrderStore::created_orders`]: crate::store::OrderStore::created_orders
 /// [`OrderStore::due_for_dispatch`]: crate::store::OrderStore::due_for_dispatch
 pub trait Dispatcher: Send + Sync + 'static {
     /// A new order was stored.

@@ -1,9 +1,10 @@
 //! The outbox dispatcher: publishes stored orders at QoS 2 and marks them `dispatched` on
 //! PUBCOMP.
 //!
-//! The order store is the outbox. An order is published when the HTTP handler tells the
-//! dispatcher about it ([`Dispatcher::notify_new_order`], which wakes it at once), and
-//! otherwise when a scan of [`OrderStore::due_for_dispatch`] finds it: at start (orders a
+//! The order store is the outbox. An order is published as soon as the store has committed
+//! it (the store's feed, [`OrderStore::created_orders`], hands the dispatcher every order
+//! this process stores, so it is not read back; [`Dispatcher::notify_new_order`] has
+//! nothing left to do), and otherwise when a scan of [`OrderStore::due_for_dispatch`] finds it: at start (orders a
 //! restart left `received`), then every [`DispatcherConfig::scan_interval`] (orders still
 //! `dispatched` with no ack after [`DispatcherConfig::ack_timeout`], and anything a lost
 //! notification missed), and when told a store came online ([`MqttDispatcher::store_online`]:
@@ -62,15 +63,13 @@ impl Default for DispatcherConfig {
 /// [`DispatcherTask::run`].
 #[derive(Debug, Clone)]
 pub struct MqttDispatcher {
-    tx: mpsc::Sender<OrderId>,
     kick: mpsc::Sender<StoreId>,
-    rescan: Arc<Notify>,
 }
 
 /// The task half of an [`MqttDispatcher`]: run it with [`DispatcherTask::run`].
 #[derive(Debug)]
 pub struct DispatcherTask {
-    rx: mpsc::Receiver<OrderId>,
+    rx: mpsc::Receiver<Order>,
     kick: mpsc::Receiver<StoreId>,
     rescan: Arc<Notify>,
     store: OrderStore,
@@ -87,15 +86,12 @@ impl MqttDispatcher {
         config: DispatcherConfig,
         metrics: Arc<OrderMetrics>,
     ) -> (MqttDispatcher, DispatcherTask) {
-        let (tx, rx) = mpsc::channel(4096);
-        let (kick_tx, kick) = mpsc::channel(256);
         let rescan = Arc::new(Notify::new());
+        // A full feed loses only the hint: the overflow asks for a scan, which finds the order.
+        let rx = store.created_orders(4096, rescan.clone());
+        let (kick_tx, kick) = mpsc::channel(256);
         (
-            MqttDispatcher {
-                tx,
-                kick: kick_tx,
-                rescan: rescan.clone(),
-            },
+            MqttDispatcher { kick: kick_tx },
             DispatcherTask {
                 rx,
                 kick,
@@ -122,12 +118,9 @@ impl MqttDispatcher {
 }
 
 impl Dispatcher for MqttDispatcher {
-    fn notify_new_order(&self, id: &OrderId) {
-        // A full channel loses only the hint: ask for a scan instead, which finds the order.
-        if self.tx.try_send(id.clone()).is_err() {
-            self.rescan.notify_one();
-        }
-    }
+    /// Nothing to do: the order store's feed ([`OrderStore::created_orders`]) brought the
+    /// order to the dispatcher when it was committed, before the HTTP handler got it.
+    fn notify_new_order(&self, _id: &OrderId) {}
 }
 
 /// Orders being published by this process.
@@ -153,14 +146,17 @@ impl DispatcherTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due: Vec<Order> = tokio::select! {
-                Some(id) = self.rx.recv() => match self.store.summary(&id).await {
-                    Ok(Some(s)) if s.status == Status::Received => vec![s.order],
-                    Ok(_) => Vec::new(),
-                    Err(e) => {
-                        tracing::warn!(order_id = %id, error = %e, "reading a new order failed; the next scan retries");
-                        Vec::new()
+                Some(order) = self.rx.recv() => {
+                    // Every order committed meanwhile, in one go.
+                    let mut due = vec![order];
+                    while due.len() < self.config.window.max(1) {
+                        match self.rx.try_recv() {
+                            Ok(o) => due.push(o),
+                            Err(_) => break,
+                        }
                     }
-                },
+                    due
+                }
                 Some(store) = self.kick.recv() => self.waiting_for(&store).await,
                 _ = tick.tick() => self.scan().await,
                 () = self.rescan.notified() => self.scan().await,

@@ -31,7 +31,8 @@
 //!
 //! # What is here
 //! - [`model`]: the order JSON of the contract and strict validation of request bodies.
-//! - [`store`]: the order store: SQLite (WAL, `synchronous=FULL`), embedded migrations,
+//! - [`store`]: the order store: SQLite (WAL, `synchronous=FULL`), one writer thread
+//!   that commits every write waiting in one transaction (group commit), embedded migrations,
 //!   idempotency keys, the status lifecycle with a microsecond history, the
 //!   dispatcher's queries ([`store::OrderStore::due_for_dispatch`], with a redispatch
 //!   wait that doubles per attempt, and [`store::OrderStore::pending_by_store`]).
@@ -41,7 +42,8 @@
 //!   every order status change (read from the database's change feed by one shared
 //!   poller, resumable with `Last-Event-ID`) and the stores whenever they change.
 //! - [`dispatcher`]: the outbox dispatcher: QoS 2 publishes of `orders/{store_id}`
-//!   through `qosmos-client`, `dispatched` on PUBCOMP, woken by each new order, scanning
+//!   through `qosmos-client`, `dispatched` on PUBCOMP, fed each new order by the store as
+//!   it is committed ([`store::OrderStore::created_orders`]), scanning
 //!   for orders a restart left `received` and for acks overdue, and, when a store comes
 //!   online (seen in the embedded broker's sessions), sending its unacknowledged orders
 //!   again at once (the broker dropped those published while nobody was subscribed); a
@@ -60,7 +62,7 @@
 //! # Exactly once, and where it is only at most once
 //! The service publishes at least once (again after a restart, again when an ack is
 //! overdue); the agent makes it exactly once by its journal, written and synced before it
-//! acknowledges, and written before it prints: a SIGKILL between those two `write` calls
+//! acknowledges (one sync for the orders waiting together), and written before it prints: a SIGKILL between those two `write` calls
 //! loses that one order's line rather than risk printing it twice (see [`agent`]). An
 //! `--exec` command interrupted by a crash is not run again: the order is rejected with a
 //! reason saying so.

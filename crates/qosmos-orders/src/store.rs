@@ -1,9 +1,12 @@
 //! The order store: SQLite, durable before it answers.
 //!
-//! Every write runs in a `BEGIN IMMEDIATE` transaction (it takes the write lock up
-//! front, so two writers queue on the busy timeout instead of failing on a lock
-//! upgrade), in WAL mode with `synchronous=FULL`: when [`OrderStore::create`] returns,
-//! the order is on disk.
+//! Every write goes through one writer (see the `writer` module) that applies all the
+//! writes waiting, up to a cap, in one `BEGIN IMMEDIATE` transaction (it takes the write
+//! lock up front, so a second process on the same file queues on the busy timeout instead
+//! of failing on a lock upgrade), in WAL mode with `synchronous=FULL`, and answers each
+//! caller after the `COMMIT`: when [`OrderStore::create`] returns, the order is on disk.
+//! Concurrent callers share one fsync (group commit). Reads run on a pool of connections
+//! beside the writer.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,13 +17,17 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use tokio::sync::oneshot;
 
 use crate::id::{IdGenerator, OrderId};
 use crate::model::{
     AckOutcome, HistoryEntry, Item, NewOrder, Order, OrderDetail, OrderSummary, Status, StoreId,
 };
 use crate::time::Timestamp;
+
+mod writer;
+
+use writer::{Request, Writer};
 
 /// Schema migrations, applied in order, each once (recorded in `schema_migrations`).
 const MIGRATIONS: &[(i64, &str, &str)] =
@@ -80,7 +87,16 @@ impl StoreOptions {
 #[derive(Debug, Clone)]
 pub struct OrderStore {
     pool: SqlitePool,
-    ids: Arc<IdGenerator>,
+    writer: Writer,
+}
+
+/// What the order store's writer did since it opened ([`OrderStore::write_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Transactions committed (one fsync each).
+    pub commits: u64,
+    /// Write requests answered (create, mark_dispatched, record_ack).
+    pub requests: u64,
 }
 
 /// What [`OrderStore::create`] did.
@@ -166,6 +182,15 @@ pub enum StoreError {
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database failed, on the writer's connection.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The writer failed (its thread could not start, or a batch was not committed).
+    #[error("order store writer: {0}")]
+    Writer(String),
+    /// The store was closed.
+    #[error("the order store is closed")]
+    Closed,
     /// The database holds a schema newer than this build knows.
     #[error("database schema version {found} is newer than this build's {known}")]
     SchemaTooNew {
@@ -207,6 +232,14 @@ pub enum TransitionError {
     /// No such order.
     #[error("order {0} not found")]
     NotFound(OrderId),
+    /// The ack came from a store the order is not for ([`OrderStore::record_ack_from`]).
+    #[error("order {order_id} belongs to store {owner}")]
+    WrongStore {
+        /// The order.
+        order_id: OrderId,
+        /// The store it belongs to.
+        owner: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -261,15 +294,51 @@ impl OrderStore {
             .connect_with(connect)
             .await?;
         migrate(&pool).await?;
-        Ok(OrderStore {
-            pool,
-            ids: Arc::new(IdGenerator::new()),
-        })
+        let writer = Writer::start(
+            opts.path.clone(),
+            opts.busy_timeout,
+            Arc::new(IdGenerator::new()),
+        )
+        .await?;
+        Ok(OrderStore { pool, writer })
     }
 
     /// Closes every connection; waits for those in use to be returned.
     pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.writer.send(Request::Close(done)).await {
+            let _ = rx.await;
+        }
         self.pool.close().await;
+    }
+
+    /// How the writer batched so far: transactions committed and write requests answered.
+    /// `requests / commits` is the mean batch size.
+    pub fn write_stats(&self) -> WriteStats {
+        let c = self.writer.stats();
+        WriteStats {
+            commits: c.commits.load(std::sync::atomic::Ordering::Relaxed),
+            requests: c.requests.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Every order that [`OrderStore::create`] stores from now on (through this store or a
+    /// clone of it), sent once its transaction is committed and before its caller is
+    /// answered: the dispatcher's source of new orders, without reading them back. When the
+    /// channel (of `capacity`) is full, the order is not sent and `overflow` is notified
+    /// instead (the reader should then scan the store for what it missed).
+    pub fn created_orders(
+        &self,
+        capacity: usize,
+        overflow: Arc<tokio::sync::Notify>,
+    ) -> tokio::sync::mpsc::Receiver<Order> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        self.writer
+            .feeds()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((tx, overflow));
+        rx
     }
 
     /// Checks that the database answers.
@@ -284,85 +353,23 @@ impl OrderStore {
     /// fingerprint of the body; a later request with the same key and the same content
     /// returns that order with its current status (`fresh: false`) and stores nothing;
     /// with different content it fails with [`CreateError::KeyReused`]. Concurrent
-    /// requests with one key are serialised by the write lock, so exactly one of them
-    /// stores an order.
+    /// requests with one key are serialised by the writer (even inside one batch), so
+    /// exactly one of them stores an order.
     pub async fn create(
         &self,
         new: &NewOrder,
         key: Option<&IdempotencyKey>,
     ) -> Result<Created, CreateError> {
-        let fingerprint = new.fingerprint();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = key {
-            let existing: Option<(String, String)> = sqlx::query_as(
-                "SELECT order_id, request_hash FROM idempotency_keys WHERE key = $1",
-            )
-            .bind(key.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some((order_id, hash)) = existing {
-                tx.rollback().await?;
-                let order_id = OrderId::from_string(order_id);
-                if hash != fingerprint {
-                    return Err(CreateError::KeyReused { order_id });
-                }
-                let order = self
-                    .summary(&order_id)
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt {
-                        id: order_id.to_string(),
-                        what: "idempotency key refers to a missing order".into(),
-                    })?;
-                return Ok(Created {
-                    order,
-                    fresh: false,
-                });
-            }
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Create {
+            new: new.clone(),
+            key: key.cloned(),
+            reply,
+        };
+        if !self.writer.send(req).await {
+            return Err(StoreError::Closed.into());
         }
-        let now = Timestamp::now();
-        let id = self.ids.next_id(now);
-        let items = serde_json::to_string(&new.items).map_err(|e| StoreError::Corrupt {
-            id: id.to_string(),
-            what: e.to_string(),
-        })?;
-        sqlx::query(
-            "INSERT INTO orders (id, store_id, items, note, created_at, status, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'received', $5)",
-        )
-        .bind(id.as_str())
-        .bind(new.store_id.as_str())
-        .bind(&items)
-        .bind(new.note.as_deref())
-        .bind(now.as_micros())
-        .execute(&mut *tx)
-        .await?;
-        insert_history(&mut tx, &id, Status::Received, now, None).await?;
-        if let Some(key) = key {
-            sqlx::query(
-                "INSERT INTO idempotency_keys (key, order_id, request_hash, created_at) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(key.as_str())
-            .bind(id.as_str())
-            .bind(&fingerprint)
-            .bind(now.as_micros())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Created {
-            order: OrderSummary {
-                order: Order {
-                    id,
-                    store_id: new.store_id.clone(),
-                    items: new.items.clone(),
-                    note: new.note.clone(),
-                    created_at: now,
-                },
-                status: Status::Received,
-            },
-            fresh: true,
-        })
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// The order with its status, or `None`.
@@ -494,40 +501,15 @@ impl OrderStore {
     /// `received` → `dispatched`; `dispatched` again (a redispatch) only counts the
     /// attempt; a final order is left alone (a PUBCOMP can arrive after the ack).
     pub async fn mark_dispatched(&self, id: &OrderId) -> Result<Transition, TransitionError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (status, last_at) = current(&mut tx, id).await?;
-        let at = next_at(last_at);
-        let outcome = match status {
-            Status::Received => {
-                insert_history(&mut tx, id, Status::Dispatched, at, None).await?;
-                Transition::Moved {
-                    from: Status::Received,
-                    to: Status::Dispatched,
-                }
-            }
-            Status::Dispatched => Transition::Redispatched { attempts: 0 },
-            Status::Accepted | Status::Rejected => {
-                tx.rollback().await?;
-                return Ok(Transition::Ignored { current: status });
-            }
-        };
-        let (attempts,): (i64,) = sqlx::query_as(
-            "UPDATE orders SET status = 'dispatched', \
-               updated_at = CASE WHEN status = 'dispatched' THEN updated_at ELSE $2 END, \
-               dispatch_attempts = dispatch_attempts + 1, last_dispatched_at = $2 \
-             WHERE id = $1 RETURNING dispatch_attempts",
-        )
-        .bind(id.as_str())
-        .bind(at.as_micros())
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(match outcome {
-            Transition::Redispatched { .. } => Transition::Redispatched {
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        let (reply, rx) = oneshot::channel();
+        self.transition(
+            Request::Dispatched {
+                id: id.clone(),
+                reply,
             },
-            other => other,
-        })
+            rx,
+        )
+        .await
     }
 
     /// Records the store's ack.
@@ -541,35 +523,49 @@ impl OrderStore {
         outcome: AckOutcome,
         reason: Option<&str>,
     ) -> Result<Transition, TransitionError> {
-        let to = Status::from(outcome);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (status, last_at) = current(&mut tx, id).await?;
-        if status.is_final() {
-            tx.rollback().await?;
-            return Ok(Transition::Ignored { current: status });
+        self.ack(id, None, outcome, reason).await
+    }
+
+    /// [`OrderStore::record_ack`] for an ack that came from `store`: refused with
+    /// [`TransitionError::WrongStore`] (nothing written) when the order is another store's.
+    /// The check and the write are one step of the writer, so no separate read is needed.
+    pub async fn record_ack_from(
+        &self,
+        store: &StoreId,
+        id: &OrderId,
+        outcome: AckOutcome,
+        reason: Option<&str>,
+    ) -> Result<Transition, TransitionError> {
+        self.ack(id, Some(store), outcome, reason).await
+    }
+
+    async fn ack(
+        &self,
+        id: &OrderId,
+        from: Option<&StoreId>,
+        outcome: AckOutcome,
+        reason: Option<&str>,
+    ) -> Result<Transition, TransitionError> {
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Ack {
+            id: id.clone(),
+            from: from.cloned(),
+            outcome,
+            reason: reason.map(str::to_owned),
+            reply,
+        };
+        self.transition(req, rx).await
+    }
+
+    async fn transition(
+        &self,
+        req: Request,
+        rx: oneshot::Receiver<Result<Transition, TransitionError>>,
+    ) -> Result<Transition, TransitionError> {
+        if !self.writer.send(req).await {
+            return Err(StoreError::Closed.into());
         }
-        let mut at = next_at(last_at);
-        if status == Status::Received {
-            insert_history(&mut tx, id, Status::Dispatched, at, None).await?;
-            sqlx::query(
-                "UPDATE orders SET dispatch_attempts = dispatch_attempts + 1, \
-                 last_dispatched_at = $2 WHERE id = $1",
-            )
-            .bind(id.as_str())
-            .bind(at.as_micros())
-            .execute(&mut *tx)
-            .await?;
-            at = next_at(Some(at));
-        }
-        insert_history(&mut tx, id, to, at, reason).await?;
-        sqlx::query("UPDATE orders SET status = $2, updated_at = $3 WHERE id = $1")
-            .bind(id.as_str())
-            .bind(to.as_str())
-            .bind(at.as_micros())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Transition::Moved { from: status, to })
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Orders to publish (again), oldest first: every `received` order, and every
@@ -636,41 +632,6 @@ fn next_at(last: Option<Timestamp>) -> Timestamp {
         Some(l) if l >= now => Timestamp::from_micros(l.as_micros() + 1),
         _ => now,
     }
-}
-
-async fn current(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: &OrderId,
-) -> Result<(Status, Option<Timestamp>), TransitionError> {
-    let row: Option<(String, Option<i64>)> = sqlx::query_as(
-        "SELECT status, (SELECT MAX(at) FROM order_history WHERE order_id = $1) \
-         FROM orders WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let (status, last) = row.ok_or_else(|| TransitionError::NotFound(id.clone()))?;
-    Ok((
-        parse_status(id.as_str(), &status)?,
-        last.map(Timestamp::from_micros),
-    ))
-}
-
-async fn insert_history(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: &OrderId,
-    status: Status,
-    at: Timestamp,
-    reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO order_history (order_id, status, at, reason) VALUES ($1, $2, $3, $4)")
-        .bind(id.as_str())
-        .bind(status.as_str())
-        .bind(at.as_micros())
-        .bind(reason)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 fn parse_status(id: &str, s: &str) -> Result<Status, StoreError> {
@@ -782,6 +743,315 @@ mod tests {
             assert_eq!(fk, 1);
         }
         drop(conns);
+        let (tx, rx) = oneshot::channel();
+        assert!(
+            store
+                .writer
+                .send(Request::With(Box::new(move |c| {
+                    let q = |sql: &str| {
+                        c.query_row(sql, [], |r| {
+                            r.get::<_, String>(0)
+                                .or_else(|_| r.get::<_, i64>(0).map(|n| n.to_string()))
+                        })
+                    };
+                    let _ = tx.send([
+                        q("PRAGMA journal_mode"),
+                        q("PRAGMA synchronous"),
+                        q("PRAGMA busy_timeout"),
+                        q("PRAGMA foreign_keys"),
+                    ]);
+                })))
+                .await
+        );
+        let got = rx.await.expect("answer").map(|r| r.expect("pragma"));
+        assert_eq!(
+            got,
+            ["wal", "2", "5000", "1"].map(String::from),
+            "the writer's connection"
+        );
+        store.close().await;
+    }
+
+    /// Blocks the writer until the returned sender is dropped or sent to.
+    async fn hold(store: &OrderStore) -> std::sync::mpsc::Sender<()> {
+        let (gate, wait) = std::sync::mpsc::channel::<()>();
+        let (held, is_held) = oneshot::channel();
+        assert!(
+            store
+                .writer
+                .send(Request::With(Box::new(move |_| {
+                    let _ = held.send(());
+                    let _ = wait.recv();
+                })))
+                .await
+        );
+        is_held.await.expect("writer held");
+        gate
+    }
+
+    /// Waits until `n` requests are queued behind a held writer.
+    async fn queued(store: &OrderStore, n: usize) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while store.writer.queued() < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("requests queued in time");
+    }
+
+    fn body(store: &str, sku: &str) -> NewOrder {
+        NewOrder::from_json(
+            format!(r#"{{"store_id":"{store}","items":[{{"sku":"{sku}","qty":1}}]}}"#).as_bytes(),
+        )
+        .expect("valid")
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_share_one_commit_and_all_land() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        let n = 200;
+        let gate = hold(&store).await;
+        let before = store.write_stats();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let s = store.clone();
+            tasks.spawn(async move { s.create(&body("s1", &format!("sku{i}")), None).await });
+        }
+        queued(&store, n).await;
+        drop(gate);
+        let mut ids = std::collections::HashSet::new();
+        while let Some(r) = tasks.join_next().await {
+            let c = r.expect("task").expect("created");
+            assert!(c.fresh);
+            assert!(ids.insert(c.order.order.id));
+        }
+        assert_eq!(ids.len(), n);
+        let after = store.write_stats();
+        assert_eq!(
+            after.commits - before.commits,
+            1,
+            "one commit for the batch"
+        );
+        assert_eq!(after.requests - before.requests, n as u64);
+
+        // Dispatches and acks, all at once, for every order; half the acks come before
+        // their PUBCOMP.
+        let gate = hold(&store).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (s, id) = (store.clone(), id.clone());
+            tasks.spawn(async move {
+                if i % 2 == 0 {
+                    s.mark_dispatched(&id).await.expect("dispatched");
+                }
+                let from = StoreId::parse("s1").expect("valid");
+                s.record_ack_from(&from, &id, AckOutcome::Accepted, None)
+                    .await
+                    .expect("ack")
+            });
+        }
+        queued(&store, n).await;
+        drop(gate);
+        while let Some(r) = tasks.join_next().await {
+            assert!(matches!(
+                r.expect("task"),
+                Transition::Moved {
+                    to: Status::Accepted,
+                    ..
+                }
+            ));
+        }
+        for id in &ids {
+            let d = store.get(id).await.expect("get").expect("exists");
+            assert_eq!(d.status, Status::Accepted);
+            let h: Vec<Status> = d.history.iter().map(|e| e.status).collect();
+            assert_eq!(h, [Status::Received, Status::Dispatched, Status::Accepted]);
+            assert_eq!(d.dispatch_attempts, 1);
+        }
+        // The same acks again: ignored, nothing written.
+        let id = ids.iter().next().expect("one");
+        assert_eq!(
+            store
+                .record_ack(id, AckOutcome::Rejected, Some("late"))
+                .await
+                .expect("ack"),
+            Transition::Ignored {
+                current: Status::Accepted
+            }
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn one_key_twice_in_one_batch_stores_one_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        let key = IdempotencyKey::parse("k-1").expect("key");
+        let gate = hold(&store).await;
+        let before = store.write_stats();
+        let mut tasks = Vec::new();
+        // Queued one after the other so that their order in the batch is known.
+        for (i, sku) in ["a", "a", "b", "a"].into_iter().enumerate() {
+            let (s, k) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                s.create(&body("s1", sku), Some(&k)).await
+            }));
+            queued(&store, i + 1).await;
+        }
+        drop(gate);
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.expect("task"));
+        }
+        assert_eq!(store.write_stats().commits - before.commits, 1);
+        let first = results[0].as_ref().expect("first stores");
+        assert!(first.fresh);
+        let id = &first.order.order.id;
+        for r in [&results[1], &results[3]] {
+            let c = r.as_ref().expect("retry answered");
+            assert!(!c.fresh);
+            assert_eq!(&c.order.order.id, id);
+        }
+        match &results[2] {
+            Err(CreateError::KeyReused { order_id }) => assert_eq!(order_id, id),
+            other => panic!("expected KeyReused, got {other:?}"),
+        }
+        let all = store.list(&ListFilter::default()).await.expect("list");
+        assert_eq!(all.len(), 1);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_item_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        // A database error in the middle of an item, after its first insert: the history
+        // insert of store "bad"'s orders is refused.
+        let (done, installed) = oneshot::channel();
+        assert!(
+            store
+                .writer
+                .send(Request::With(Box::new(move |c| {
+                    let r = c.execute_batch(
+                        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.order_history \
+                         WHEN (SELECT store_id FROM main.orders WHERE id = NEW.order_id) = 'bad' \
+                         BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
+                    );
+                    let _ = done.send(r.map_err(|e| e.to_string()));
+                })))
+                .await
+        );
+        installed.await.expect("answer").expect("trigger");
+        let known = store.create(&body("s1", "x"), None).await.expect("create");
+        let gate = hold(&store).await;
+        let before = store.write_stats();
+        let s = store.clone();
+        let ok1 = tokio::spawn(async move { s.create(&body("s1", "a"), None).await });
+        queued(&store, 1).await;
+        let s = store.clone();
+        let bad = tokio::spawn(async move { s.create(&body("bad", "a"), None).await });
+        queued(&store, 2).await;
+        let s = store.clone();
+        let missing = tokio::spawn(async move {
+            s.record_ack(
+                &OrderId::from_string("01ARYZ6S41TSV4RRFFQ69G5FAV".into()),
+                AckOutcome::Accepted,
+                None,
+            )
+            .await
+        });
+        queued(&store, 3).await;
+        let (s, kid) = (store.clone(), known.order.order.id.clone());
+        let wrong = tokio::spawn(async move {
+            let other = StoreId::parse("s2").expect("valid");
+            s.record_ack_from(&other, &kid, AckOutcome::Accepted, None)
+                .await
+        });
+        queued(&store, 4).await;
+        let s = store.clone();
+        let ok2 = tokio::spawn(async move { s.create(&body("s1", "b"), None).await });
+        queued(&store, 5).await;
+        drop(gate);
+        let ok1 = ok1.await.expect("task").expect("first create commits");
+        let ok2 = ok2.await.expect("task").expect("last create commits");
+        match bad.await.expect("task") {
+            Err(CreateError::Store(e)) => assert!(e.to_string().contains("refused by test")),
+            other => panic!("expected a store error, got {other:?}"),
+        }
+        assert!(matches!(
+            missing.await.expect("task"),
+            Err(TransitionError::NotFound(_))
+        ));
+        match wrong.await.expect("task") {
+            Err(TransitionError::WrongStore { owner, .. }) => assert_eq!(owner, "s1"),
+            other => panic!("expected WrongStore, got {other:?}"),
+        }
+        assert_eq!(store.write_stats().commits - before.commits, 1);
+        for id in [&ok1.order.order.id, &ok2.order.order.id] {
+            let d = store.get(id).await.expect("get").expect("committed");
+            assert_eq!(d.history.len(), 1);
+        }
+        let bad_orders = store
+            .list(&ListFilter {
+                store_id: Some(StoreId::parse("bad").expect("valid")),
+                ..ListFilter::default()
+            })
+            .await
+            .expect("list");
+        assert!(
+            bad_orders.is_empty(),
+            "the failed item's order row was rolled back"
+        );
+        let d = store
+            .get(&known.order.order.id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(
+            d.status,
+            Status::Received,
+            "the wrong store's ack wrote nothing"
+        );
+        store.close().await;
+        assert!(matches!(
+            store.create(&body("s1", "c"), None).await,
+            Err(CreateError::Store(StoreError::Closed))
+        ));
+    }
+
+    #[tokio::test]
+    async fn created_orders_feed_gets_each_stored_order_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = OrderStore::open(dir.path().join("o.db"))
+            .await
+            .expect("open");
+        let overflow = Arc::new(tokio::sync::Notify::new());
+        let mut feed = store.created_orders(1, overflow.clone());
+        let key = IdempotencyKey::parse("k").expect("key");
+        let a = store.create(&body("s1", "a"), Some(&key)).await.expect("a");
+        let again = store
+            .create(&body("s1", "a"), Some(&key))
+            .await
+            .expect("retry");
+        assert!(!again.fresh);
+        let got = feed.try_recv().expect("fed before create returned");
+        assert_eq!(got, a.order.order);
+        assert!(feed.try_recv().is_err(), "a retry is not fed again");
+        // A full feed notifies the overflow instead.
+        store.create(&body("s1", "b"), None).await.expect("b");
+        store.create(&body("s1", "c"), None).await.expect("c");
+        tokio::time::timeout(Duration::from_secs(5), overflow.notified())
+            .await
+            .expect("overflow notified");
+        assert_eq!(feed.try_recv().expect("b").items[0].sku, "b");
         store.close().await;
     }
 

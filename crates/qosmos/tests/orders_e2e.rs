@@ -229,6 +229,38 @@ impl Agent {
         }
     }
 
+    /// SIGKILL, then waits until the embedded broker of `serve` no longer counts the agent
+    /// as connected (it has read the dead connection to its end), then restarts it.
+    ///
+    /// Restarting sooner races a broker bug found with this test: on a session takeover, a
+    /// PUBREC still unread on the dead connection is applied after the new connection
+    /// resent that PUBLISH, so the broker also sends PUBREL for it; the client treats that
+    /// as a protocol error on every reconnect and the agent never resubscribes. (Reported;
+    /// the broker and the MQTT state machine are outside this change.)
+    fn kill_and_restart_when_gone(&mut self, serve: &Serve) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let me = format!("qosmos-store-{}", self.store);
+        let start = Instant::now();
+        loop {
+            let (code, body) = http(serve.http, "GET", "/api/broker/clients", None, None);
+            assert_eq!(code, 200, "{body}");
+            let clients = json_of(&body);
+            let connected = clients.as_array().is_some_and(|list| {
+                list.iter()
+                    .any(|c| c["client_id"] == me.as_str() && c["connected"] == true)
+            });
+            if !connected {
+                break;
+            }
+            assert!(start.elapsed() < START, "broker still sees {me}: {body}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = subscribed_lines(&self.dir, &self.store);
+        self.child = Self::spawn(&self.dir, &self.store, &self.broker, self.exec.as_deref());
+        self.wait_subscribed(before);
+    }
+
     fn kill_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -625,6 +657,61 @@ fn agent_then_service_sigkilled_mid_run_every_order_handled_once() {
         // Each agent was SIGKILLed once.
         assert_handled_once_across_kills(a, &mine, 1);
     }
+}
+
+/// Orders posted by 8 clients at once, so that the service's writer and the agent's
+/// journal flusher work in groups, while the agent is SIGKILLed twice and then the service
+/// once: every order accepted, none printed twice, at most one line lost per agent kill.
+#[test]
+fn concurrent_burst_with_agent_and_service_sigkilled_every_order_handled_once() {
+    let dir = temp_dir("e2e-burst");
+    let mut serve = Serve::start(&dir, &["--ack-timeout", "2s"]);
+    let url = serve.broker_url();
+    let mut agent = Agent::start(&dir, "b1", &url, None);
+    let port = serve.http;
+    let posted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let posters: Vec<_> = (0..8)
+        .map(|t| {
+            let posted = posted.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let id = post_order(
+                        port,
+                        &order_body("b1", &format!("sku-{t}-{i}")),
+                        &format!("burst-{t}-{i}"),
+                    );
+                    posted.lock().expect("lock").push(id);
+                }
+            })
+        })
+        .collect();
+    let wait_posted = |n: usize| {
+        let start = Instant::now();
+        while posted.lock().expect("lock").len() < n {
+            assert!(start.elapsed() < SETTLE, "posting stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_posted(80);
+    agent.kill_and_restart_when_gone(&serve);
+    wait_posted(180);
+    agent.kill_and_restart_when_gone(&serve);
+    wait_posted(260);
+    serve.kill_and_restart();
+    for p in posters {
+        p.join().expect("poster");
+    }
+    let ids = posted.lock().expect("lock").clone();
+    assert_eq!(ids.len(), 320);
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 320, "one order per idempotency key");
+    let done = wait_final(serve.http, &ids, SETTLE, &|| {
+        format!("serve:\n{}\nb1:\n{}", serve.log(), agent.log())
+    });
+    for (id, v) in &done {
+        assert_eq!(v["status"], "accepted", "{id}: {v}");
+    }
+    assert_handled_once_across_kills(&agent, &ids, 2);
 }
 
 #[test]

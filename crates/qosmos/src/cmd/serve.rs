@@ -161,9 +161,25 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
 
     let mut state = service.app_state();
     let mut router = axum::Router::new();
+    // The order store's group commit, and the embedded broker's metrics.
+    let (st, m) = (store.clone(), broker_handle.clone());
+    state = state.with_extra_metrics(Arc::new(move || {
+        let w = st.write_stats();
+        let mut text = format!(
+            "# HELP qosmos_orders_store_commits_total Order store transactions committed (one fsync each).\n\
+             # TYPE qosmos_orders_store_commits_total counter\n\
+             qosmos_orders_store_commits_total {}\n\
+             # HELP qosmos_orders_store_writes_total Order store writes (create, dispatched, ack) applied in those transactions.\n\
+             # TYPE qosmos_orders_store_writes_total counter\n\
+             qosmos_orders_store_writes_total {}\n",
+            w.commits, w.requests
+        );
+        if let Some(m) = &m {
+            text.push_str(&m.metrics());
+        }
+        text
+    }));
     if let Some(h) = broker_handle {
-        let m = h.clone();
-        state = state.with_extra_metrics(Arc::new(move || m.metrics()));
         let (c, s) = (h.clone(), h);
         router = router
             .route(

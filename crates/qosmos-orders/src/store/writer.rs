@@ -1,0 +1,576 @@
+//! The order store's single writer: group commit.
+//!
+//! Every write ([`OrderStore::create`], [`OrderStore::mark_dispatched`],
+//! [`OrderStore::record_ack`]) is a request on a channel to one thread that owns one
+//! SQLite connection (rusqlite). The thread takes every request waiting, up to
+//! [`MAX_BATCH`], applies them in order inside ONE `BEGIN IMMEDIATE … COMMIT` (WAL,
+//! `synchronous=FULL`), and answers each caller only after the `COMMIT` returned: nothing
+//! is acknowledged before it is on disk, and one fsync covers the whole batch. Requests
+//! that arrive while a commit is syncing wait for the next batch, so batches grow with the
+//! load by themselves; there is no timer and no added latency when the load is light.
+//!
+//! Each request runs inside its own `SAVEPOINT`: a request that fails (an unknown order, a
+//! reused idempotency key, a constraint the database refuses) is rolled back alone and
+//! answered with its error; the others in the batch commit. Requests see the effects of
+//! those before them in the batch (one connection, one transaction), so two `create`s with
+//! one idempotency key in one batch store one order and the second is answered with it.
+//!
+//! Why rusqlite on a thread rather than sqlx: sqlx's SQLite driver runs each connection on
+//! a worker thread fed through a channel, so every statement is a cross-thread round trip
+//! (3–6 statements per request). Here a request costs one channel send and one reply; the
+//! statements run back to back on the writer thread with cached prepared statements. The
+//! reads stay on sqlx's pool (WAL readers run beside the writer). Both use the same
+//! `libsqlite3-sys` (0.30, bundled), so there is one SQLite in the binary.
+//!
+//! [`OrderStore::create`]: super::OrderStore::create
+//! [`OrderStore::mark_dispatched`]: super::OrderStore::mark_dispatched
+//! [`OrderStore::record_ack`]: super::OrderStore::record_ack
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    CreateError, Created, IdempotencyKey, StoreError, Transition, TransitionError, next_at,
+    parse_status,
+};
+use crate::id::{IdGenerator, OrderId};
+use crate::model::{AckOutcome, NewOrder, Order, OrderSummary, Status, StoreId};
+use crate::time::Timestamp;
+
+/// The most requests applied in one transaction.
+pub(crate) const MAX_BATCH: usize = 512;
+/// Requests waiting for the writer at most; callers wait when it is full.
+const QUEUE: usize = 8192;
+
+/// One write, and where its answer goes.
+pub(crate) enum Request {
+    Create {
+        new: NewOrder,
+        key: Option<IdempotencyKey>,
+        reply: oneshot::Sender<Result<Created, CreateError>>,
+    },
+    Dispatched {
+        id: OrderId,
+        reply: oneshot::Sender<Result<Transition, TransitionError>>,
+    },
+    Ack {
+        id: OrderId,
+        /// When set, the ack is refused unless the order belongs to this store.
+        from: Option<StoreId>,
+        outcome: AckOutcome,
+        reason: Option<String>,
+        reply: oneshot::Sender<Result<Transition, TransitionError>>,
+    },
+    /// Runs a closure on the connection (tests look at its settings).
+    #[cfg(test)]
+    With(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// Closes the connection and stops the thread.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle callers hold: cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    tx: mpsc::Sender<Request>,
+    stats: Arc<Counters>,
+    feeds: Feeds,
+}
+
+/// Where the orders stored are sent after their commit, and what to wake when one of
+/// those channels is full.
+pub(crate) type Feeds = Arc<std::sync::Mutex<Vec<(mpsc::Sender<Order>, Arc<tokio::sync::Notify>)>>>;
+
+/// What the writer did so far.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Transactions committed.
+    pub(crate) commits: AtomicU64,
+    /// Requests answered (committed or not).
+    pub(crate) requests: AtomicU64,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Create { .. } => "Create",
+            Request::Dispatched { .. } => "Dispatched",
+            Request::Ack { .. } => "Ack",
+            #[cfg(test)]
+            Request::With(_) => "With",
+            Request::Close(_) => "Close",
+        })
+    }
+}
+
+impl Request {
+    fn is_write(&self) -> bool {
+        match self {
+            Request::Create { .. } | Request::Dispatched { .. } | Request::Ack { .. } => true,
+            #[cfg(test)]
+            Request::With(_) => false,
+            Request::Close(_) => false,
+        }
+    }
+}
+
+impl Writer {
+    /// Requests waiting in the queue.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Opens the connection on a new thread and starts it.
+    pub(crate) async fn start(
+        path: PathBuf,
+        busy_timeout: Duration,
+        ids: Arc<IdGenerator>,
+    ) -> Result<Writer, StoreError> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let stats = Arc::new(Counters::default());
+        let counters = stats.clone();
+        let feeds = Feeds::default();
+        let to_feed = feeds.clone();
+        std::thread::Builder::new()
+            .name("order-store-writer".into())
+            .spawn(move || match open(&path, busy_timeout) {
+                Ok(conn) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(conn, rx, &ids, &counters, &to_feed);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| StoreError::Writer(format!("cannot start the writer thread: {e}")))?;
+        ready_rx
+            .await
+            .map_err(|_| StoreError::Writer("the writer thread died while opening".into()))??;
+        Ok(Writer { tx, stats, feeds })
+    }
+
+    /// The counters.
+    pub(crate) fn stats(&self) -> &Counters {
+        &self.stats
+    }
+
+    /// The feeds of orders stored.
+    pub(crate) fn feeds(&self) -> &Feeds {
+        &self.feeds
+    }
+
+    /// Queues `req`; `false` if the writer is closed.
+    pub(crate) async fn send(&self, req: Request) -> bool {
+        self.tx.send(req).await.is_ok()
+    }
+}
+
+fn open(path: &std::path::Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    // journal_mode is a property of the file (set by the pool already); asked again so
+    // that this connection cannot run in another mode.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Writer(format!(
+            "journal_mode is {mode}, not wal"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// An answer to send once the batch is committed (or to turn into an error if the commit
+/// fails).
+enum Pending {
+    Create(
+        oneshot::Sender<Result<Created, CreateError>>,
+        Result<Created, CreateError>,
+    ),
+    Transition(
+        oneshot::Sender<Result<Transition, TransitionError>>,
+        Result<Transition, TransitionError>,
+    ),
+}
+
+impl Pending {
+    fn send(self) {
+        // A caller that went away (a dropped HTTP request) needs no answer; what it asked
+        // for is committed all the same.
+        match self {
+            Pending::Create(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Pending::Transition(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+
+    fn fail(self, e: &StoreError) {
+        let err = || StoreError::Writer(format!("the batch was not committed: {e}"));
+        match self {
+            Pending::Create(tx, _) => {
+                let _ = tx.send(Err(CreateError::Store(err())));
+            }
+            Pending::Transition(tx, _) => {
+                let _ = tx.send(Err(TransitionError::Store(err())));
+            }
+        }
+    }
+}
+
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Request>,
+    ids: &IdGenerator,
+    stats: &Counters,
+    feeds: &Feeds,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut answers = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let Some(first) = rx.blocking_recv() else {
+            return;
+        };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut close = None;
+        let result = apply(&mut conn, &mut batch, &mut answers, &mut close, ids);
+        // Requests not reached (BEGIN failed) are answered by dropping their senders.
+        batch.clear();
+        stats
+            .requests
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(committed) => {
+                if committed {
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    feed(feeds, &answers);
+                }
+                answers.drain(..).for_each(Pending::send);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = answers.len(), "order store batch failed");
+                let _ = conn.execute_batch("ROLLBACK");
+                answers.drain(..).for_each(|a| a.fail(&e));
+            }
+        }
+        if let Some(done) = close {
+            drop(conn);
+            let _ = done.send(());
+            // Anything queued after the close is answered by dropping its reply sender.
+            rx.close();
+            return;
+        }
+    }
+}
+
+/// Sends the orders this batch stored to the feeds, before their callers are answered.
+fn feed(feeds: &Feeds, answers: &[Pending]) {
+    let mut feeds = feeds.lock().unwrap_or_else(|e| e.into_inner());
+    if feeds.is_empty() {
+        return;
+    }
+    for a in answers {
+        if let Pending::Create(_, Ok(c)) = a {
+            if !c.fresh {
+                continue;
+            }
+            feeds.retain(|(tx, overflow)| match tx.try_send(c.order.order.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    overflow.notify_one();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+    }
+}
+
+/// Applies `batch` in one transaction; `answers` gets one entry per request. `true` when
+/// a transaction was committed.
+fn apply(
+    conn: &mut Connection,
+    batch: &mut Vec<Request>,
+    answers: &mut Vec<Pending>,
+    close: &mut Option<oneshot::Sender<()>>,
+    ids: &IdGenerator,
+) -> Result<bool, StoreError> {
+    let writes = batch.iter().filter(|r| r.is_write()).count();
+    if writes > 0 {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+    }
+    for req in batch.drain(..) {
+        match req {
+            Request::Create { new, key, reply } => {
+                let r = item(conn, |c| create(c, ids, &new, key.as_ref()))?;
+                answers.push(Pending::Create(reply, r));
+            }
+            Request::Dispatched { id, reply } => {
+                let r = item(conn, |c| mark_dispatched(c, &id))?;
+                answers.push(Pending::Transition(reply, r));
+            }
+            Request::Ack {
+                id,
+                from,
+                outcome,
+                reason,
+                reply,
+            } => {
+                let r = item(conn, |c| {
+                    record_ack(c, &id, from.as_ref(), outcome, reason.as_deref())
+                })?;
+                answers.push(Pending::Transition(reply, r));
+            }
+            #[cfg(test)]
+            Request::With(f) => f(conn),
+            Request::Close(done) => *close = Some(done),
+        }
+    }
+    if writes > 0 {
+        conn.execute_batch("COMMIT")?;
+    }
+    Ok(writes > 0)
+}
+
+/// Runs one request inside a savepoint: rolled back alone when it fails. The outer error
+/// (the savepoint itself failed) fails the whole batch: what the transaction holds is then
+/// unknown, so nothing of it may be committed.
+fn item<T, E>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<Result<T, E>, StoreError> {
+    conn.execute_batch("SAVEPOINT item")?;
+    let r = f(conn);
+    if r.is_ok() {
+        conn.execute_batch("RELEASE item")?;
+    } else {
+        conn.execute_batch("ROLLBACK TO item; RELEASE item")?;
+    }
+    Ok(r)
+}
+
+fn create(
+    conn: &Connection,
+    ids: &IdGenerator,
+    new: &NewOrder,
+    key: Option<&IdempotencyKey>,
+) -> Result<Created, CreateError> {
+    let fingerprint = new.fingerprint();
+    if let Some(key) = key {
+        let existing: Option<(String, String)> = conn
+            .prepare_cached("SELECT order_id, request_hash FROM idempotency_keys WHERE key = ?1")
+            .map_err(StoreError::from)?
+            .query_row([key.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(StoreError::from)?;
+        if let Some((order_id, hash)) = existing {
+            let order_id = OrderId::from_string(order_id);
+            if hash != fingerprint {
+                return Err(CreateError::KeyReused { order_id });
+            }
+            let order = summary(conn, &order_id)?.ok_or_else(|| StoreError::Corrupt {
+                id: order_id.to_string(),
+                what: "idempotency key refers to a missing order".into(),
+            })?;
+            return Ok(Created {
+                order,
+                fresh: false,
+            });
+        }
+    }
+    let now = Timestamp::now();
+    let id = ids.next_id(now);
+    let items = serde_json::to_string(&new.items).map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        what: e.to_string(),
+    })?;
+    conn.prepare_cached(
+        "INSERT INTO orders (id, store_id, items, note, created_at, status, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 'received', ?5)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id.as_str(),
+            new.store_id.as_str(),
+            items,
+            new.note.as_deref(),
+            now.as_micros()
+        ])
+    })
+    .map_err(StoreError::from)?;
+    insert_history(conn, &id, Status::Received, now, None)?;
+    if let Some(key) = key {
+        conn.prepare_cached(
+            "INSERT INTO idempotency_keys (key, order_id, request_hash, created_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                key.as_str(),
+                id.as_str(),
+                fingerprint,
+                now.as_micros()
+            ])
+        })
+        .map_err(StoreError::from)?;
+    }
+    Ok(Created {
+        order: OrderSummary {
+            order: Order {
+                id,
+                store_id: new.store_id.clone(),
+                items: new.items.clone(),
+                note: new.note.clone(),
+                created_at: now,
+            },
+            status: Status::Received,
+        },
+        fresh: true,
+    })
+}
+
+fn summary(conn: &Connection, id: &OrderId) -> Result<Option<OrderSummary>, StoreError> {
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {} FROM orders WHERE id = ?1",
+            super::ORDER_COLUMNS
+        ))?
+        .query_row([id.as_str()], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    row.map(super::summary_from_row).transpose()
+}
+
+/// The order's status, owner, and the time of its last history entry.
+fn current(
+    conn: &Connection,
+    id: &OrderId,
+) -> Result<(Status, String, Option<Timestamp>), TransitionError> {
+    let row: Option<(String, String, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT status, store_id, (SELECT MAX(at) FROM order_history WHERE order_id = ?1) \
+             FROM orders WHERE id = ?1",
+        )
+        .map_err(StoreError::from)?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .map_err(StoreError::from)?;
+    let (status, store, last) = row.ok_or_else(|| TransitionError::NotFound(id.clone()))?;
+    Ok((
+        parse_status(id.as_str(), &status)?,
+        store,
+        last.map(Timestamp::from_micros),
+    ))
+}
+
+fn insert_history(
+    conn: &Connection,
+    id: &OrderId,
+    status: Status,
+    at: Timestamp,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO order_history (order_id, status, at, reason) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        id.as_str(),
+        status.as_str(),
+        at.as_micros(),
+        reason
+    ])?;
+    Ok(())
+}
+
+fn mark_dispatched(conn: &Connection, id: &OrderId) -> Result<Transition, TransitionError> {
+    let (status, _, last_at) = current(conn, id)?;
+    let at = next_at(last_at);
+    let outcome = match status {
+        Status::Received => {
+            insert_history(conn, id, Status::Dispatched, at, None)?;
+            Transition::Moved {
+                from: Status::Received,
+                to: Status::Dispatched,
+            }
+        }
+        Status::Dispatched => Transition::Redispatched { attempts: 0 },
+        Status::Accepted | Status::Rejected => {
+            return Ok(Transition::Ignored { current: status });
+        }
+    };
+    let attempts: i64 = conn
+        .prepare_cached(
+            "UPDATE orders SET status = 'dispatched', \
+               updated_at = CASE WHEN status = 'dispatched' THEN updated_at ELSE ?2 END, \
+               dispatch_attempts = dispatch_attempts + 1, last_dispatched_at = ?2 \
+             WHERE id = ?1 RETURNING dispatch_attempts",
+        )
+        .map_err(StoreError::from)?
+        .query_row(params![id.as_str(), at.as_micros()], |r| r.get(0))
+        .map_err(StoreError::from)?;
+    Ok(match outcome {
+        Transition::Redispatched { .. } => Transition::Redispatched {
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        },
+        other => other,
+    })
+}
+
+fn record_ack(
+    conn: &Connection,
+    id: &OrderId,
+    from: Option<&StoreId>,
+    outcome: AckOutcome,
+    reason: Option<&str>,
+) -> Result<Transition, TransitionError> {
+    let to = Status::from(outcome);
+    let (status, owner, last_at) = current(conn, id)?;
+    if from.is_some_and(|f| f.as_str() != owner) {
+        return Err(TransitionError::WrongStore {
+            order_id: id.clone(),
+            owner,
+        });
+    }
+    if status.is_final() {
+        return Ok(Transition::Ignored { current: status });
+    }
+    let mut at = next_at(last_at);
+    if status == Status::Received {
+        insert_history(conn, id, Status::Dispatched, at, None)?;
+        conn.prepare_cached(
+            "UPDATE orders SET dispatch_attempts = dispatch_attempts + 1, \
+             last_dispatched_at = ?2 WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![id.as_str(), at.as_micros()]))
+        .map_err(StoreError::from)?;
+        at = next_at(Some(at));
+    }
+    insert_history(conn, id, to, at, reason)?;
+    conn.prepare_cached("UPDATE orders SET status = ?2, updated_at = ?3 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![id.as_str(), to.as_str(), at.as_micros()]))
+        .map_err(StoreError::from)?;
+    Ok(Transition::Moved { from: status, to })
+}
