@@ -797,14 +797,39 @@ fn serve_stops_on_sigterm() {
     let dir = temp_dir("e2e-term");
     let mut serve = Serve::start(&dir, &[]);
     assert!(wait_for_port(serve.mqtt, START));
+    // An open dashboard: its event stream must not hold the shutdown up (axum's graceful
+    // shutdown waits for open responses; serve would give up only after 10 s).
+    let mut stream = TcpStream::connect(("127.0.0.1", serve.http)).expect("connect");
+    stream.set_read_timeout(Some(START)).expect("timeout");
+    stream
+        .write_all(b"GET /api/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .expect("request");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: hello") {
+        let n = stream.read(&mut buf).expect("read the event stream");
+        assert!(n > 0, "stream closed before hello");
+        seen.extend_from_slice(&buf[..n]);
+    }
     terminate(&serve.child);
     let start = Instant::now();
+    // The server ends the stream: EOF, well before serve's 10 s timeout would.
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("event stream not ended on SIGTERM: {e}"),
+        }
+    }
     loop {
         if let Some(status) = serve.child.try_wait().expect("try_wait") {
             assert!(status.success(), "{status}; log:\n{}", serve.log());
             break;
         }
-        assert!(start.elapsed() < START, "serve did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "serve did not stop promptly on SIGTERM with a dashboard open"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

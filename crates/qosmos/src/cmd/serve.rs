@@ -197,6 +197,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
                 }),
             );
     }
+    // Open dashboards hold event streams that graceful shutdown would wait for.
+    let events = state.events().clone();
     let router = http::router(state).merge(router);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -218,6 +220,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
         }),
     };
     let _ = stop_tx.send(true);
+    events.close();
     if failure.is_none() {
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut http_task).await;
     }
