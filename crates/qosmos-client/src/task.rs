@@ -188,7 +188,10 @@ impl Task {
             opts.protocol,
             IncomingConfig::default()
                 .receive_maximum(receive_maximum)
-                .ack_mode(AckMode::Manual),
+                .ack_mode(AckMode::Manual)
+                // A broker that sends PUBREL before our PUBREC would otherwise meet the same
+                // protocol error on every reconnect, and the subscriber would never recover.
+                .accept_early_pubrel(true),
         );
         let mut outbox_ids = HashMap::new();
         let replayed = replay.len();

@@ -64,6 +64,41 @@ async fn duplicate_qos2_publish_is_handed_over_once() {
     assert_eq!(client.stats().received, 2);
 }
 
+/// A broker that sends PUBREL before our PUBREC (seen from a broker applying a dead
+/// connection's PUBREC to the session's new one): the client does not drop the connection
+/// (it would meet the same PUBREL on every reconnect), delivers the message once, and ends the
+/// exchange with PUBCOMP once the handler is done.
+#[tokio::test]
+async fn pubrel_before_our_pubrec_is_completed_not_fatal() {
+    let fake = FakeBroker::bind().await;
+    let client = Client::connect(opts(fake.port, ProtocolVersion::V5))
+        .await
+        .unwrap();
+    let mut messages = client.messages();
+    let mut peer = fake.accept(ProtocolVersion::V5).await;
+    peer.handshake(false).await;
+
+    peer.send(qos2_publish(3, "order", false)).await;
+    let first = within("delivery", messages.recv()).await.unwrap();
+    peer.send(Packet::PubRel(PubRel::new(pid(3)))).await;
+    peer.send(qos2_publish(3, "order", true)).await;
+    // A QoS 0 sentinel read after them proves both were handled while the order is held.
+    peer.send(Packet::Publish(Publish::new("orders/1", "sentinel")))
+        .await;
+    let next = within("sentinel", messages.recv()).await.unwrap();
+    assert_eq!(
+        &next.payload[..],
+        b"sentinel",
+        "the resend was delivered again"
+    );
+    drop(first); // handled
+    assert_eq!(
+        peer.recv_no_ping().await,
+        Packet::PubComp(PubComp::new(pid(3)))
+    );
+    assert_eq!(client.stats().received, 2);
+}
+
 /// PUBACK / PUBREC leave only after the handler returns; an AckHandle delays them further.
 #[tokio::test]
 async fn acknowledged_only_after_the_handler_returns() {

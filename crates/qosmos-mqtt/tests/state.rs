@@ -461,6 +461,56 @@ fn qos0_and_qos1_are_delivered_and_acknowledged() {
 }
 
 #[test]
+fn early_pubrel_is_a_protocol_error_unless_accepted() {
+    let manual = IncomingConfig::default().ack_mode(AckMode::Manual);
+    let p = incoming_publish(QoS::ExactlyOnce, 9, "early");
+    // Strict (a broker's choice): PUBREL before our PUBREC is an error.
+    let mut strict = receiver(ProtocolVersion::V5, manual);
+    assert!(strict.handle_publish(p.clone()).expect("ok").is_some());
+    assert!(matches!(
+        strict.handle_pubrel(&PubRel::new(pid(9))),
+        Err(StateError::UnexpectedPacket { .. })
+    ));
+
+    // Accepted (a client's choice): the acknowledgement answers with PUBCOMP, no PUBREC.
+    let mut inc = receiver(ProtocolVersion::V5, manual.accept_early_pubrel(true));
+    assert!(inc.handle_publish(p.clone()).expect("ok").is_some());
+    inc.handle_pubrel(&PubRel::new(pid(9))).expect("accepted");
+    assert!(
+        drain_in(&mut inc).is_empty(),
+        "nothing before the application acks"
+    );
+    // Resent after a reconnect, still waiting: not delivered again, nothing sent.
+    inc.resume(true);
+    let mut dup = p.clone();
+    dup.dup = true;
+    assert_eq!(inc.handle_publish(dup).expect("ok"), None);
+    inc.handle_pubrel(&PubRel::new(pid(9))).expect("again");
+    assert!(drain_in(&mut inc).is_empty());
+    inc.ack(pid(9)).expect("ack");
+    assert_eq!(
+        drain_in(&mut inc),
+        vec![Packet::PubComp(PubComp::new(pid(9)))]
+    );
+    assert_eq!(inc.stats().early_pubrel, 1);
+    assert_eq!(inc.stats().delivered, 1);
+    assert_eq!(inc.unacknowledged(), 0);
+
+    // Acknowledged while disconnected: the PUBREL the peer resends gets the PUBCOMP.
+    let mut inc = receiver(ProtocolVersion::V5, manual.accept_early_pubrel(true));
+    assert!(inc.handle_publish(p).expect("ok").is_some());
+    inc.handle_pubrel(&PubRel::new(pid(9))).expect("accepted");
+    inc.on_disconnect();
+    inc.ack(pid(9)).expect("ack");
+    inc.resume(true);
+    inc.handle_pubrel(&PubRel::new(pid(9))).expect("resent");
+    assert_eq!(
+        drain_in(&mut inc),
+        vec![Packet::PubComp(PubComp::new(pid(9)))]
+    );
+}
+
+#[test]
 fn duplicate_qos2_publish_before_pubrel_is_not_delivered_twice() {
     let mut inc = receiver(ProtocolVersion::V5, IncomingConfig::default());
     let p = incoming_publish(QoS::ExactlyOnce, 5, "once");

@@ -28,6 +28,14 @@ pub struct IncomingConfig {
     pub receive_maximum: u16,
     /// When messages are acknowledged.
     pub ack_mode: AckMode,
+    /// Accept a PUBREL for a QoS 2 message the application has not acknowledged yet (manual
+    /// mode), instead of failing with [`StateError::UnexpectedPacket`]. The sender broke the
+    /// protocol (it cannot have seen our PUBREC), but it now holds the message as delivered,
+    /// and a strict receiver that disconnects meets the same PUBREL on every reconnect. With
+    /// this set, the exchange ends with PUBCOMP once the application acknowledges, and the
+    /// message stays delivered exactly once. A client wants this; a broker, strict with its
+    /// clients, does not. Default: off.
+    pub accept_early_pubrel: bool,
 }
 
 impl Default for IncomingConfig {
@@ -36,6 +44,7 @@ impl Default for IncomingConfig {
         IncomingConfig {
             receive_maximum: u16::MAX,
             ack_mode: AckMode::Automatic,
+            accept_early_pubrel: false,
         }
     }
 }
@@ -52,6 +61,12 @@ impl IncomingConfig {
         self.ack_mode = mode;
         self
     }
+
+    /// Sets [`IncomingConfig::accept_early_pubrel`].
+    pub fn accept_early_pubrel(mut self, accept: bool) -> Self {
+        self.accept_early_pubrel = accept;
+        self
+    }
 }
 
 /// Counters for metrics. They only ever grow.
@@ -66,6 +81,8 @@ pub struct IncomingStats {
     pub refused: u64,
     /// PUBREL packets for identifiers with no exchange, answered with Packet Identifier not found.
     pub unknown_pubrel: u64,
+    /// PUBREL packets that came before our PUBREC (see [`IncomingConfig::accept_early_pubrel`]).
+    pub early_pubrel: u64,
 }
 
 /// What an incoming exchange waits for.
@@ -79,13 +96,16 @@ enum Stage {
     ResponseOwed(QoS, ReasonCode),
     /// QoS 2: PUBREC sent (or owed), waiting for PUBREL.
     AwaitingPubRel,
+    /// QoS 2, manual mode: the peer sent PUBREL before the application acknowledged (and so
+    /// before our PUBREC); the acknowledgement answers with PUBCOMP.
+    ReleasedEarly,
 }
 
 impl Stage {
     fn qos(self) -> QoS {
         match self {
             Stage::AwaitingAck(q) | Stage::ResponseOwed(q, _) => q,
-            Stage::AwaitingPubRel => QoS::ExactlyOnce,
+            Stage::AwaitingPubRel | Stage::ReleasedEarly => QoS::ExactlyOnce,
         }
     }
 }
@@ -227,6 +247,8 @@ impl Incoming {
                 self.respond(qos, packet_id, reason);
             }
             Stage::AwaitingPubRel => self.send(Packet::PubRec(PubRec::new(packet_id))),
+            // Released already: the peer should not resend; the acknowledgement answers.
+            Stage::ReleasedEarly => {}
         }
         Ok(None)
     }
@@ -254,6 +276,24 @@ impl Incoming {
     /// [`StateError::PacketIdNotFound`] when no delivered message awaits an acknowledgement
     /// with this identifier (already acknowledged, or forgotten with the session): ignore it.
     pub fn ack_with(&mut self, packet_id: PacketId, reason: ReasonCode) -> Result<(), StateError> {
+        if let Some(Exchange {
+            stage: Stage::ReleasedEarly,
+            ..
+        }) = self.exchanges.get(&packet_id).copied()
+        {
+            // The peer counts the message delivered: a refusal can no longer be said.
+            if !reason.is_success() {
+                self.stats.refused += 1;
+            }
+            if self.connected {
+                self.close(packet_id);
+                self.send(Packet::PubComp(PubComp::new(packet_id)));
+            } else {
+                // The peer resends PUBREL on the next connection; answer that one.
+                self.set_stage(packet_id, Stage::AwaitingPubRel);
+            }
+            return Ok(());
+        }
         let Some(Exchange {
             stage: Stage::AwaitingAck(qos),
             seen,
@@ -294,7 +334,8 @@ impl Incoming {
     ///
     /// # Errors
     ///
-    /// [`StateError::UnexpectedPacket`] when the identifier's exchange has not sent PUBREC.
+    /// [`StateError::UnexpectedPacket`] when the identifier's exchange has not sent PUBREC
+    /// (unless [`IncomingConfig::accept_early_pubrel`] is set and it awaits the application).
     pub fn handle_pubrel(&mut self, rel: &PubRel) -> Result<(), StateError> {
         let packet_id = rel.packet_id;
         match self.exchanges.get(&packet_id).map(|ex| ex.stage) {
@@ -303,6 +344,13 @@ impl Incoming {
                 self.send(Packet::PubComp(PubComp::new(packet_id)));
                 Ok(())
             }
+            Some(Stage::AwaitingAck(QoS::ExactlyOnce)) if self.config.accept_early_pubrel => {
+                self.stats.early_pubrel += 1;
+                self.set_stage(packet_id, Stage::ReleasedEarly);
+                Ok(())
+            }
+            // Resent after a reconnect: still waiting for the application.
+            Some(Stage::ReleasedEarly) => Ok(()),
             Some(stage) => Err(StateError::UnexpectedPacket {
                 packet: PacketType::PubRel,
                 packet_id,
