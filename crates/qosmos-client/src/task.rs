@@ -721,7 +721,17 @@ impl Task {
                 Ok(done) => self.complete(done),
                 Err(e) => ignore_or(e).map_err(protocol)?,
             },
-            Packet::PubRel(rel) => self.incoming.handle_pubrel(&rel).map_err(protocol)?,
+            Packet::PubRel(rel) => {
+                let early = self.incoming.stats().early_pubrel;
+                self.incoming.handle_pubrel(&rel).map_err(protocol)?;
+                if self.incoming.stats().early_pubrel > early {
+                    tracing::warn!(
+                        packet_id = rel.packet_id.get(),
+                        "the broker sent PUBREL before our PUBREC (a broker bug); \
+                         the message is completed once handled"
+                    );
+                }
+            }
             Packet::SubAck(ack) => self.handle_suback(ack),
             Packet::UnsubAck(ack) => self.handle_unsuback(ack),
             Packet::PingResp => {}
