@@ -12,6 +12,7 @@ use crate::connection::{new_session_state, schedule_expiry, schedule_will};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{Session, SubOptions};
+use crate::store::wal::MAX_RECORD_LEN;
 use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
 use crate::store::{StoreError, Wal, WalConfig, WalStats};
 use bytes::{Bytes, BytesMut};
@@ -184,25 +185,26 @@ impl StoreGuard<'_> {
 
     /// Appends `records` to the log and the mirror, in the order of the lock. `None` when there
     /// is nothing to append. Compacts when the log has grown past its threshold.
+    ///
+    /// The records go to the log as one record ([`Record::pack`]): each client's session
+    /// operations named once, and the whole append applied all or none after a crash.
     pub(crate) fn submit(&mut self, records: Vec<Record>) -> Option<Commit> {
-        if records.is_empty() {
-            return None;
+        let packed = Record::pack(records)?;
+        let mut buf = BytesMut::with_capacity(256);
+        if let Err(e) = packed.encode(&mut buf) {
+            return Some(unencodable(e));
         }
-        let mut bytes: Vec<Bytes> = Vec::with_capacity(records.len());
-        // One buffer for the whole batch, split into records without copying.
-        let mut buf = BytesMut::with_capacity(records.len() * 48 + 256);
-        for r in records {
-            match r.encode(&mut buf) {
-                Ok(()) => bytes.push(buf.split().freeze()),
-                Err(e) => {
-                    tracing::error!(error = %e, "record not encodable");
-                    return Some(Commit::ready(Err(StoreError::Failed {
-                        reason: e.to_string(),
-                    })));
-                }
+        let bytes = if buf.len() <= MAX_RECORD_LEN {
+            vec![buf.freeze()]
+        } else {
+            // Too large for one record: one per part, as before packing (each part is then
+            // recovered whole or not at all, but not the append).
+            match encode_parts(&packed) {
+                Ok(b) => b,
+                Err(e) => return Some(unencodable(e)),
             }
-            self.inner.mirror.apply(r);
-        }
+        };
+        self.inner.mirror.apply(packed);
         let commit = self.store.wal.permit_now().append(bytes);
         self.maybe_compact();
         Some(commit)
@@ -236,6 +238,22 @@ impl StoreGuard<'_> {
         // Not awaited: the writer installs it between commits; a failure stops the log, which
         // every later commit then reports.
         drop(wal.permit_now().compact(snapshot));
+    }
+}
+
+/// A commit that failed: a record could not be encoded.
+fn unencodable(e: RecordError) -> Commit {
+    tracing::error!(error = %e, "record not encodable");
+    Commit::ready(Err(StoreError::Failed {
+        reason: e.to_string(),
+    }))
+}
+
+/// A packed record's parts, each encoded on its own.
+fn encode_parts(packed: &Record) -> Result<Vec<Bytes>, RecordError> {
+    match packed {
+        Record::Composite(parts) => parts.iter().map(Record::to_bytes).collect(),
+        other => Ok(vec![other.to_bytes()?]),
     }
 }
 

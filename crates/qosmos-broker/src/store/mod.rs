@@ -64,7 +64,7 @@ pub mod wal;
 mod writer;
 
 pub use error::StoreError;
-pub use record::{RECORD_VERSION, Record, RecordError};
+pub use record::{RECORD_VERSION, Record, RecordError, SessionOp};
 pub use state::{
     Delivery, DeliveryStage, DurableState, PendingWill, SessionState, StoredMessage,
     StoredSubscription,
