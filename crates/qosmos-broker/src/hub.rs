@@ -390,10 +390,10 @@ impl Hub {
     ) {
         if !self.deliver_inner(session, publish, qos, retain, ids, message_id) {
             if let (Some(store), Some(id)) = (&self.store, message_id) {
-                drop(store.submit(vec![Record::Delivered {
+                store.lock().submit_lazy(vec![Record::Delivered {
                     client_id: session.client_str.clone(),
                     message_id: id,
-                }]));
+                }]);
             }
         }
     }

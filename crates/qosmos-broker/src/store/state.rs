@@ -3,7 +3,7 @@
 
 use super::record::{Record, SessionOp};
 use qosmos_mqtt::{MqttStr, PacketId, Publish, QoS, SubscriptionOptions};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed
 /// deliveries, stored messages, retained messages and pending wills.
@@ -18,8 +18,9 @@ pub struct DurableState {
     /// Sessions by client identifier.
     pub sessions: BTreeMap<MqttStr, SessionState>,
     /// Stored messages by id, each with the number of deliveries and retained topics that
-    /// reference it.
-    pub messages: BTreeMap<u64, StoredMessage>,
+    /// reference it. A hash map: a message is stored and dropped for every delivery, and a
+    /// B-tree would shift its (large) values around on each.
+    pub messages: HashMap<u64, StoredMessage>,
     /// Retained messages: topic name → message id.
     pub retained: BTreeMap<MqttStr, u64>,
     /// Wills owed, by client identifier.
@@ -308,8 +309,16 @@ impl DurableState {
     /// owed deliveries, then retained topics and wills.
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out = Vec::new();
-        for (&id, m) in &self.messages {
-            if m.refs > 0 {
+        // In id order, so that a snapshot does not depend on the hash map's.
+        let mut ids: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.refs > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(m) = self.messages.get(&id) {
                 out.push(Record::Message {
                     id,
                     publish: m.publish.clone(),
@@ -414,7 +423,7 @@ impl SessionState {
         &mut self,
         client_id: &MqttStr,
         op: SessionOp,
-        messages: &mut BTreeMap<u64, StoredMessage>,
+        messages: &mut HashMap<u64, StoredMessage>,
     ) {
         let mut stage = |message_id: u64, stage: DeliveryStage| match position(
             &self.queue,
@@ -456,7 +465,7 @@ impl SessionState {
 }
 
 /// Drops a reference to a stored message, and the message with its last reference.
-fn unref(messages: &mut BTreeMap<u64, StoredMessage>, message_id: u64) {
+fn unref(messages: &mut HashMap<u64, StoredMessage>, message_id: u64) {
     if let Some(m) = messages.get_mut(&message_id) {
         m.refs = m.refs.saturating_sub(1);
         if m.refs == 0 {

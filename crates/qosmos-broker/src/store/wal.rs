@@ -27,7 +27,8 @@
 //! A crash at any point leaves either the old log or the new one, both complete.
 
 use super::error::StoreError;
-use super::file::{FRAME_HEADER_LEN, put_frame, recover, sync_dir, write_new_log};
+pub(crate) use super::file::{FRAME_HEADER_LEN, frame_in_place};
+use super::file::{put_frame, recover, sync_dir, write_new_log};
 use super::writer::{Request, Shared, Writer};
 use bytes::Bytes;
 use std::collections::BTreeSet;
@@ -371,6 +372,19 @@ impl AppendPermit {
         let request = Request::Append {
             frames,
             records: records.len() as u64,
+            reply,
+            _permit: self.permit,
+        };
+        submit(&self.tx, request, rx)
+    }
+
+    /// Submits records already framed (see `file::frame_in_place`): `frames` holds `records`
+    /// whole frames, handed to the writer without another copy.
+    pub(crate) fn append_frames(self, frames: Vec<u8>, records: u64) -> Commit {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Append {
+            frames,
+            records,
             reply,
             _permit: self.permit,
         };
