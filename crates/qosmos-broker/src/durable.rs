@@ -6,7 +6,8 @@
 //! broker's memory, [`StoreGuard::submit`] the records describing the change, drop the lock,
 //! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
-//! (`Delivered`) are submitted the same way and not awaited.
+//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: applied to the mirror at once, handed to
+//! the log with the next append or after at most 2 ms, never awaited.
 
 use crate::connection::{new_session_state, schedule_expiry, schedule_will};
 use crate::hub::Hub;

@@ -31,8 +31,10 @@
 //! and UNSUBACK after the subscription change is. Towards a subscriber, a QoS 2 PUBLISH goes out
 //! only once its packet id is recorded, and PUBREL once the PUBREC is, so that after a crash the
 //! broker resends the same packet id with DUP and the subscriber's duplicate detection holds.
-//! Every socket read is one batch with one append, and concurrent connections share each
-//! `fdatasync` (group commit). A subscriber never sees a message whose publisher was not
+//! Every socket read is one batch with one append, written as one record (each client's
+//! delivery and release steps packed together, the whole recovered all or nothing), and
+//! concurrent connections share each `fdatasync` (group commit). Completed deliveries
+//! (`Delivered`), whose loss costs only a resend, wait up to 2 ms to ride with the next append. A subscriber never sees a message whose publisher was not
 //! acknowledged, so a publisher's resend after a crash cannot make a QoS 2 duplicate. At start
 //! the log is replayed: persistent sessions (disconnected, their expiry counted from the
 //! start), their subscriptions, owed deliveries at every QoS 2 stage, the QoS 2 packet ids

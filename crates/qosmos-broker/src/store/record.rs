@@ -8,7 +8,10 @@
 //! exactly one value or to a [`RecordError`], never a panic.
 //!
 //! New kinds of records get new tags; a field added to an existing kind gets a new tag too (or a
-//! new encoding version), so an old log always decodes as it was written.
+//! new encoding version), so an old log always decodes as it was written. Tags 17
+//! ([`Record::SessionOps`]: client, `u32` count, then per operation the tag of the record of the
+//! same name and its fields without the client) and 18 ([`Record::Composite`]: `u32` count, then
+//! per part a `u32` length and a whole record) came with log format version 2.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::{

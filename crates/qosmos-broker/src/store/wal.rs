@@ -3,8 +3,9 @@
 //!
 //! # File format
 //! `wal.log` in the data directory starts with a 21-byte header: the magic `b"QOSMOSWAL"`, the
-//! format version (`u32` little endian, [`FORMAT_VERSION`]) and the generation (`u64` little
-//! endian, incremented by every compaction). Records follow, each framed as
+//! format version (`u32` little endian, [`FORMAT_VERSION`]; version 1 is read too, and
+//! rewritten as the current one when opened) and the generation (`u64` little endian,
+//! incremented by every compaction). Records follow, each framed as
 //! `[len: u32 LE][crc: u32 LE][payload; len]`, where `crc` is the CRC-32 (IEEE) of the four
 //! length bytes followed by the payload. Covering the length means a run of zero bytes (what
 //! some file systems show after a crash in a region that was allocated but never written) is
