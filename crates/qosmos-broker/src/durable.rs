@@ -103,9 +103,8 @@ impl Store {
                 dir: wal.dir().display().to_string(),
                 error,
             })?;
-            if let Record::Message { id, .. } = &record {
-                max_id = max_id.max(*id);
-            }
+            // Inside packed records too: a reused id would merge two messages.
+            max_id = max_id.max(record.max_message_id().unwrap_or(0));
             records.push(record);
         }
         let count = records.len();

@@ -675,6 +675,16 @@ impl Record {
         })
     }
 
+    /// The largest id of a message this record stores, looking inside a
+    /// [`Record::Composite`]: where the broker's next message id starts after a replay.
+    pub fn max_message_id(&self) -> Option<u64> {
+        match self {
+            Record::Message { id, .. } => Some(*id),
+            Record::Composite(parts) => parts.iter().filter_map(Record::max_message_id).max(),
+            _ => None,
+        }
+    }
+
     /// The records of one append as one record that replays to the same state: the session
     /// operations of each client gathered into [`Record::SessionOps`] (an operation joins an
     /// earlier group of its client only when nothing in between could change its effect), and
@@ -1304,6 +1314,8 @@ mod tests {
                 ops: vec![SessionOp::Delivered { message_id: 1 }]
             }
         );
+        // The broker's next message id must come after the one inside the composite.
+        assert_eq!(Record::Composite(parts.clone()).max_message_id(), Some(1));
         // One record stays itself; none is nothing.
         let one = Record::WillDone { client_id: b };
         assert_eq!(Record::pack(vec![one.clone()]), Some(one));
