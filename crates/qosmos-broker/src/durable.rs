@@ -209,7 +209,12 @@ impl StoreGuard<'_> {
         let mut count = std::mem::take(&mut self.inner.lazy_records);
         match encode_framed(&packed, &mut buf) {
             Ok(n) => count += n,
-            Err(e) => return Some(Commit::ready(Err(e))),
+            Err(e) => {
+                // The waiting records stay for the next append.
+                self.inner.lazy = buf;
+                self.inner.lazy_records = count;
+                return Some(Commit::ready(Err(e)));
+            }
         }
         self.inner.mirror.apply(packed);
         let commit = self
