@@ -587,8 +587,16 @@ impl Conn {
             let must_wait = !batch.records.is_empty();
             let mut records = std::mem::take(&mut batch.records);
             records.append(&mut batch.lazy);
-            let commit = guard.as_mut().and_then(|g| g.submit(records));
-            (end, commit.filter(|_| must_wait))
+            // Only records whose loss costs a resend (`Delivered`): they ride with a later append.
+            let commit = match guard.as_mut() {
+                Some(g) if must_wait => g.submit(records),
+                Some(g) => {
+                    g.submit_lazy(records);
+                    None
+                }
+                None => None,
+            };
+            (end, commit)
         };
         if let Some(commit) = commit {
             if let Err(e) = commit.await {

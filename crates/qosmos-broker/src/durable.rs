@@ -6,15 +6,17 @@
 //! broker's memory, [`StoreGuard::submit`] the records describing the change, drop the lock,
 //! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
-//! (`Delivered`) are submitted the same way and not awaited.
+//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: applied to the mirror at once, handed to
+//! the log with the next append or after at most 2 ms, never awaited.
 
 use crate::connection::{new_session_state, schedule_expiry, schedule_will};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{Session, SubOptions};
+use crate::store::wal::{FRAME_HEADER_LEN, MAX_RECORD_LEN, frame_in_place};
 use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
 use crate::store::{StoreError, Wal, WalConfig, WalStats};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::state::Inflight;
 use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
 use std::path::Path;
@@ -46,13 +48,24 @@ pub enum OpenError {
 /// The write-ahead log and the mirror of what it holds.
 #[derive(Debug)]
 pub(crate) struct Store {
-    wal: Wal,
-    inner: Mutex<Inner>,
+    wal: Arc<Wal>,
+    inner: Arc<Mutex<Inner>>,
     compact_min_bytes: u64,
 }
 
+/// How long records submitted with [`StoreGuard::submit_lazy`] may wait for company.
+const LAZY_DELAY: Duration = Duration::from_millis(2);
+/// How many bytes of them may wait.
+const LAZY_MAX_BYTES: usize = 64 * 1024;
+
 #[derive(Debug)]
 struct Inner {
+    /// Framed records submitted lazily, not yet handed to the log: they go first in the next
+    /// append (so the log keeps the order of the lock), or on their own after [`LAZY_DELAY`].
+    lazy: BytesMut,
+    lazy_records: u64,
+    /// A task will hand `lazy` to the log after [`LAZY_DELAY`].
+    lazy_armed: bool,
     mirror: DurableState,
     next_message_id: u64,
     /// Size of the last snapshot written (the log right after a compaction).
@@ -90,9 +103,8 @@ impl Store {
                 dir: wal.dir().display().to_string(),
                 error,
             })?;
-            if let Record::Message { id, .. } = &record {
-                max_id = max_id.max(*id);
-            }
+            // Inside packed records too: a reused id would merge two messages.
+            max_id = max_id.max(record.max_message_id().unwrap_or(0));
             records.push(record);
         }
         let count = records.len();
@@ -114,13 +126,16 @@ impl Store {
             .map(|b| b.len() as u64 + 8)
             .sum();
         let store = Store {
-            wal,
-            inner: Mutex::new(Inner {
+            wal: Arc::new(wal),
+            inner: Arc::new(Mutex::new(Inner {
+                lazy: BytesMut::new(),
+                lazy_records: 0,
+                lazy_armed: false,
                 mirror,
                 next_message_id: max_id + 1,
                 last_snapshot_bytes: live.max(1),
                 compacting_until: 0,
-            }),
+            })),
             compact_min_bytes,
         };
         Ok((store, state))
@@ -184,28 +199,77 @@ impl StoreGuard<'_> {
 
     /// Appends `records` to the log and the mirror, in the order of the lock. `None` when there
     /// is nothing to append. Compacts when the log has grown past its threshold.
+    ///
+    /// The records go to the log as one record ([`Record::pack`]): each client's session
+    /// operations named once, and the whole append applied all or none after a crash. Records
+    /// waiting from [`StoreGuard::submit_lazy`] go first, in the same append.
     pub(crate) fn submit(&mut self, records: Vec<Record>) -> Option<Commit> {
-        if records.is_empty() {
-            return None;
-        }
-        let mut bytes: Vec<Bytes> = Vec::with_capacity(records.len());
-        // One buffer for the whole batch, split into records without copying.
-        let mut buf = BytesMut::with_capacity(records.len() * 48 + 256);
-        for r in records {
-            match r.encode(&mut buf) {
-                Ok(()) => bytes.push(buf.split().freeze()),
-                Err(e) => {
-                    tracing::error!(error = %e, "record not encodable");
-                    return Some(Commit::ready(Err(StoreError::Failed {
-                        reason: e.to_string(),
-                    })));
-                }
+        let packed = Record::pack(records)?;
+        let mut buf = std::mem::take(&mut self.inner.lazy);
+        let mut count = std::mem::take(&mut self.inner.lazy_records);
+        match encode_framed(&packed, &mut buf) {
+            Ok(n) => count += n,
+            Err(e) => {
+                // The waiting records stay for the next append.
+                self.inner.lazy = buf;
+                self.inner.lazy_records = count;
+                return Some(Commit::ready(Err(e)));
             }
-            self.inner.mirror.apply(r);
         }
-        let commit = self.store.wal.permit_now().append(bytes);
+        self.inner.mirror.apply(packed);
+        let commit = self
+            .store
+            .wal
+            .permit_now()
+            .append_frames(Vec::from(buf), count);
         self.maybe_compact();
         Some(commit)
+    }
+
+    /// [`StoreGuard::submit`] for records whose loss costs only a resend (`Delivered`): they
+    /// are not handed to the log at once but wait, up to [`LAZY_DELAY`], to go with the next
+    /// append, saving the writer a wake-up and a write. Applied to the mirror now.
+    pub(crate) fn submit_lazy(&mut self, records: Vec<Record>) {
+        let Some(packed) = Record::pack(records) else {
+            return;
+        };
+        let inner = &mut *self.inner;
+        match encode_framed(&packed, &mut inner.lazy) {
+            Ok(n) => inner.lazy_records += n,
+            Err(e) => {
+                tracing::error!(error = %e, "records not encodable");
+                return;
+            }
+        }
+        inner.mirror.apply(packed);
+        if inner.lazy.len() >= LAZY_MAX_BYTES {
+            drop(self.flush_lazy());
+        } else if !inner.lazy_armed {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    inner.lazy_armed = true;
+                    // Weak: a store dropped meanwhile has handed them to the log itself, and
+                    // its log must close (releasing the directory) without waiting for this.
+                    let wal = Arc::downgrade(&self.store.wal);
+                    let shared = Arc::downgrade(&self.store.inner);
+                    rt.spawn(async move {
+                        tokio::time::sleep(LAZY_DELAY).await;
+                        let (Some(wal), Some(shared)) = (wal.upgrade(), shared.upgrade()) else {
+                            return;
+                        };
+                        let mut inner = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        inner.lazy_armed = false;
+                        drop(take_lazy(&wal, &mut inner));
+                    });
+                }
+                Err(_) => drop(self.flush_lazy()),
+            }
+        }
+    }
+
+    /// Hands the lazily submitted records to the log now.
+    fn flush_lazy(&mut self) -> Option<Commit> {
+        take_lazy(&self.store.wal, &mut self.inner)
     }
 
     fn maybe_compact(&mut self) {
@@ -218,6 +282,8 @@ impl StoreGuard<'_> {
         {
             return;
         }
+        // Records waiting lazily are in the mirror: they go to the log before the snapshot.
+        drop(take_lazy(wal, inner));
         inner.mirror.collect_garbage();
         let snapshot: Vec<Bytes> = inner
             .mirror
@@ -237,6 +303,68 @@ impl StoreGuard<'_> {
         // every later commit then reports.
         drop(wal.permit_now().compact(snapshot));
     }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        drop(take_lazy(&self.wal, &mut inner));
+    }
+}
+
+/// Hands `inner.lazy` to the log, if it holds anything.
+fn take_lazy(wal: &Wal, inner: &mut Inner) -> Option<Commit> {
+    if inner.lazy.is_empty() {
+        return None;
+    }
+    let frames = Vec::from(std::mem::take(&mut inner.lazy));
+    let records = std::mem::take(&mut inner.lazy_records);
+    Some(wal.permit_now().append_frames(frames, records))
+}
+
+/// Appends `packed` to `buf` as framed log records: one frame, or one per part if it is too
+/// large for one record (each part is then recovered whole, but not the append). Returns how
+/// many frames. Nothing is appended on error.
+fn encode_framed(packed: &Record, buf: &mut BytesMut) -> Result<u64, StoreError> {
+    let start = buf.len();
+    let result = encode_frame(packed, buf).and_then(|()| {
+        if buf.len() - start - FRAME_HEADER_LEN <= MAX_RECORD_LEN {
+            return Ok(1);
+        }
+        buf.truncate(start);
+        match packed {
+            Record::Composite(parts) => {
+                for part in parts {
+                    encode_frame(part, buf)?;
+                }
+                Ok(parts.len() as u64)
+            }
+            // Refused by `frame_in_place` as too large.
+            other => encode_frame(other, buf).map(|()| 1),
+        }
+    });
+    if result.is_err() {
+        buf.truncate(start);
+    }
+    result
+}
+
+/// Appends one record to `buf`, framed: the header is filled in once the record is written.
+fn encode_frame(record: &Record, buf: &mut BytesMut) -> Result<(), StoreError> {
+    let start = buf.len();
+    buf.put_bytes(0, FRAME_HEADER_LEN);
+    record.encode(buf).map_err(|e| {
+        tracing::error!(error = %e, "record not encodable");
+        StoreError::Failed {
+            reason: e.to_string(),
+        }
+    })?;
+    let len = buf.len() - start - FRAME_HEADER_LEN;
+    if len > MAX_RECORD_LEN {
+        // The caller splits it, or refuses it.
+        return Ok(());
+    }
+    frame_in_place(&mut buf[start..])
 }
 
 /// Milliseconds since the Unix epoch.

@@ -264,7 +264,7 @@ impl Hub {
                     let id = *message_id.get_or_insert_with(|| g.message_id());
                     d.durable = true;
                     owed.push(Record::Enqueue {
-                        client_id: MqttStr::from(&*d.session.client_id),
+                        client_id: d.session.client_str.clone(),
                         message_id: id,
                         qos: d.qos,
                         retain: d.retain,
@@ -390,10 +390,10 @@ impl Hub {
     ) {
         if !self.deliver_inner(session, publish, qos, retain, ids, message_id) {
             if let (Some(store), Some(id)) = (&self.store, message_id) {
-                drop(store.submit(vec![Record::Delivered {
-                    client_id: MqttStr::from(&*session.client_id),
+                store.lock().submit_lazy(vec![Record::Delivered {
+                    client_id: session.client_str.clone(),
                     message_id: id,
-                }]));
+                }]);
             }
         }
     }

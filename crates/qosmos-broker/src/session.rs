@@ -19,6 +19,8 @@ pub(crate) struct SubOptions {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) client_id: Arc<str>,
+    /// The client identifier as the store's records hold it (shared, not copied per record).
+    pub(crate) client_str: MqttStr,
     state: Mutex<SessionState>,
 }
 
@@ -63,6 +65,7 @@ pub(crate) struct Connection {
 impl Session {
     pub(crate) fn new(client_id: Arc<str>, state: SessionState) -> Session {
         Session {
+            client_str: MqttStr::from(&*client_id),
             client_id,
             state: Mutex::new(state),
         }

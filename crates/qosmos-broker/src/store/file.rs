@@ -10,8 +10,12 @@ use std::path::Path;
 
 /// The first bytes of every log file.
 pub const MAGIC: &[u8; 9] = b"QOSMOSWAL";
-/// The log format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The log format this build writes. Version 2 added the packed records
+/// ([`Record::SessionOps`](super::Record::SessionOps), [`Record::Composite`](super::Record::Composite));
+/// a version 1 log (a subset of it) is still read, and rewritten as version 2 when opened.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest log format this build reads.
+const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The size of the file header: magic, version, generation.
 pub const HEADER_LEN: usize = MAGIC.len() + 4 + 8;
 /// The largest record accepted: an MQTT packet of the maximum size plus room for the
@@ -40,6 +44,27 @@ pub(crate) fn put_frame(buf: &mut Vec<u8>, payload: &[u8]) -> Result<(), StoreEr
     Ok(())
 }
 
+/// Fills in the frame header at the start of `frame`, whose payload follows it (written after
+/// [`FRAME_HEADER_LEN`] placeholder bytes): the same bytes as [`put_frame`], without a copy.
+pub(crate) fn frame_in_place(frame: &mut [u8]) -> Result<(), StoreError> {
+    let Some((head, payload)) = frame.split_at_mut_checked(FRAME_HEADER_LEN) else {
+        return Err(StoreError::Failed {
+            reason: "a frame without room for its header".into(),
+        });
+    };
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_RECORD_LEN)
+        .ok_or(StoreError::RecordTooLarge {
+            len: payload.len(),
+            max: MAX_RECORD_LEN,
+        })?;
+    let len = len.to_le_bytes();
+    head[..4].copy_from_slice(&len);
+    head[4..].copy_from_slice(&frame_crc(len, payload).to_le_bytes());
+    Ok(())
+}
+
 pub(crate) fn frame_crc(len: [u8; 4], payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&len);
@@ -55,8 +80,8 @@ pub(crate) fn header(generation: u64) -> [u8; HEADER_LEN] {
     h
 }
 
-/// Reads the header: the generation, or why the file is not ours.
-pub(crate) fn read_header(path: &Path, data: &[u8]) -> Result<u64, StoreError> {
+/// Reads the header: the generation and format version, or why the file is not ours.
+pub(crate) fn read_header(path: &Path, data: &[u8]) -> Result<(u64, u32), StoreError> {
     let refuse = |found: String| StoreError::IncompatibleVersion {
         found,
         expected: FORMAT_VERSION,
@@ -75,12 +100,12 @@ pub(crate) fn read_header(path: &Path, data: &[u8]) -> Result<u64, StoreError> {
     let mut version = [0u8; 4];
     version.copy_from_slice(&rest[..4]);
     let version = u32::from_le_bytes(version);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(refuse(format!("write-ahead log format version {version}")));
     }
     let mut generation = [0u8; 8];
     generation.copy_from_slice(&rest[4..]);
-    Ok(u64::from_le_bytes(generation))
+    Ok((u64::from_le_bytes(generation), version))
 }
 
 /// Splits the records after the header; returns them and the length of the valid prefix.
@@ -119,7 +144,7 @@ pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError>
     let mut data = Vec::new();
     file.read_to_end(&mut data)
         .map_err(|e| StoreError::io("read", path, e))?;
-    let generation = read_header(path, &data)?;
+    let (generation, version) = read_header(path, &data)?;
     let data = Bytes::from(data);
     let (records, good) = parse_records(&data);
     let truncated = (data.len() - good) as u64;
@@ -135,6 +160,18 @@ pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError>
             .map_err(|e| StoreError::io("truncate", path, e))?;
         file.sync_all()
             .map_err(|e| StoreError::io("sync", path, e))?;
+    }
+    if version != FORMAT_VERSION {
+        // An older format: its records are ours too; rewrite the header (atomically, as a
+        // compaction would) so that an older build refuses the records this one will add.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        tracing::info!(
+            path = %path.display(),
+            from = version,
+            to = FORMAT_VERSION,
+            "upgrading the write-ahead log format"
+        );
+        file = write_new_log(dir, generation, &data[HEADER_LEN..good])?;
     }
     let recovered = Recovered {
         records,

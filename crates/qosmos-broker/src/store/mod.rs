@@ -7,7 +7,12 @@
 //!   log with a snapshot of the live state plus what was appended since.
 //! - [`record`]: [`Record`], one change to the durable state (a session, a subscription, a
 //!   stored message, a delivery owed and how far it got, a retained message, a will), with a
-//!   strict hand-written binary encoding.
+//!   strict hand-written binary encoding. [`Record::pack`] turns the records of one append into
+//!   one: each client's delivery and release steps in one [`Record::SessionOps`] (the client
+//!   named once), the whole in a [`Record::Composite`] that a torn tail keeps all or nothing
+//!   of. A QoS 2 PUBLISH thus costs one record for the publisher's side (awaited release,
+//!   message, deliveries) where it cost 3 + one per subscriber, and each socket read or flush
+//!   of a connection one record whatever it acknowledged.
 //! - [`state`]: [`DurableState`], what replaying the records in order rebuilds, and
 //!   [`DurableState::snapshot`], the minimal record list a compaction writes.
 //!
@@ -43,7 +48,8 @@
 //! After a crash the log is a prefix of what was written: a torn or corrupt tail is cut off at
 //! the first bad record ([`Recovered::truncated_bytes`]), and an append that did not resolve
 //! may or may not be there (whole records only: several records of one append may survive in
-//! part, so each record must make sense on its own when replayed).
+//! part, so each record must make sense on its own when replayed; the broker packs each append
+//! into one record, see [`Record::pack`]).
 //!
 //! # What it does not do
 //! - It does not protect against a disk that lies about syncs, nor repair corruption in the
@@ -64,7 +70,7 @@ pub mod wal;
 mod writer;
 
 pub use error::StoreError;
-pub use record::{RECORD_VERSION, Record, RecordError};
+pub use record::{RECORD_VERSION, Record, RecordError, SessionOp};
 pub use state::{
     Delivery, DeliveryStage, DurableState, PendingWill, SessionState, StoredMessage,
     StoredSubscription,

@@ -8,7 +8,10 @@
 //! exactly one value or to a [`RecordError`], never a panic.
 //!
 //! New kinds of records get new tags; a field added to an existing kind gets a new tag too (or a
-//! new encoding version), so an old log always decodes as it was written.
+//! new encoding version), so an old log always decodes as it was written. Tags 17
+//! ([`Record::SessionOps`]: client, `u32` count, then per operation the tag of the record of the
+//! same name and its fields without the client) and 18 ([`Record::Composite`]: `u32` count, then
+//! per part a `u32` length and a whole record) came with log format version 2.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::{
@@ -152,6 +155,100 @@ pub enum Record {
         /// The client identifier.
         client_id: MqttStr,
     },
+    /// Several changes to one session's deliveries and awaited releases, applied in order:
+    /// what `Sent`, `Released`, `Delivered`, `AwaitingRelease` and `ReleaseDone` records of one
+    /// client would do, with the client named once. Written by [`Record::pack`].
+    SessionOps {
+        /// The client identifier.
+        client_id: MqttStr,
+        /// The changes, in order.
+        ops: Vec<SessionOp>,
+    },
+    /// Several records applied in order, all or none: a torn tail never keeps part of it.
+    /// Written by [`Record::pack`] for the records of one append (e.g. an incoming QoS 2
+    /// PUBLISH's awaited release, message and deliveries). Never nested.
+    Composite(Vec<Record>),
+}
+
+/// One change of a [`Record::SessionOps`], with the meaning of the record of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionOp {
+    /// See [`Record::Sent`].
+    Sent {
+        /// The message.
+        message_id: u64,
+        /// The packet identifier.
+        packet_id: PacketId,
+    },
+    /// See [`Record::Released`].
+    Released {
+        /// The message.
+        message_id: u64,
+        /// The packet identifier.
+        packet_id: PacketId,
+    },
+    /// See [`Record::Delivered`].
+    Delivered {
+        /// The message.
+        message_id: u64,
+    },
+    /// See [`Record::AwaitingRelease`].
+    AwaitingRelease {
+        /// The publisher's packet identifier.
+        packet_id: PacketId,
+    },
+    /// See [`Record::ReleaseDone`].
+    ReleaseDone {
+        /// The publisher's packet identifier.
+        packet_id: PacketId,
+    },
+}
+
+impl SessionOp {
+    /// The message the change is about, if any.
+    pub fn message_id(&self) -> Option<u64> {
+        match *self {
+            SessionOp::Sent { message_id, .. }
+            | SessionOp::Released { message_id, .. }
+            | SessionOp::Delivered { message_id } => Some(message_id),
+            SessionOp::AwaitingRelease { .. } | SessionOp::ReleaseDone { .. } => None,
+        }
+    }
+
+    /// The single record with the same meaning.
+    pub fn into_record(self, client_id: MqttStr) -> Record {
+        match self {
+            SessionOp::Sent {
+                message_id,
+                packet_id,
+            } => Record::Sent {
+                client_id,
+                message_id,
+                packet_id,
+            },
+            SessionOp::Released {
+                message_id,
+                packet_id,
+            } => Record::Released {
+                client_id,
+                message_id,
+                packet_id,
+            },
+            SessionOp::Delivered { message_id } => Record::Delivered {
+                client_id,
+                message_id,
+            },
+            SessionOp::AwaitingRelease { packet_id } => Record::AwaitingRelease {
+                client_id,
+                packet_id,
+            },
+            SessionOp::ReleaseDone { packet_id } => Record::ReleaseDone {
+                client_id,
+                packet_id,
+            },
+        }
+    }
 }
 
 /// Why bytes did not decode as a [`Record`], or a record could not be encoded.
@@ -212,6 +309,8 @@ mod tag {
     pub(super) const RETAINED_CLEAR: u8 = 14;
     pub(super) const WILL_PENDING: u8 = 15;
     pub(super) const WILL_DONE: u8 = 16;
+    pub(super) const SESSION_OPS: u8 = 17;
+    pub(super) const COMPOSITE: u8 = 18;
 }
 
 impl Record {
@@ -235,6 +334,33 @@ impl Record {
     fn encode_fields(&self, buf: &mut BytesMut) -> Result<(), RecordError> {
         buf.put_u8(RECORD_VERSION);
         match self {
+            Record::SessionOps { client_id, ops } => {
+                buf.put_u8(tag::SESSION_OPS);
+                put_str(buf, client_id)?;
+                put_len(buf, ops.len(), "session operations")?;
+                for op in ops {
+                    put_op(buf, op);
+                }
+            }
+            Record::Composite(records) => {
+                buf.put_u8(tag::COMPOSITE);
+                put_len(buf, records.len(), "a composite record")?;
+                for r in records {
+                    if matches!(r, Record::Composite(_)) {
+                        return Err(RecordError::InvalidValue {
+                            field: "a composite record",
+                            value: tag::COMPOSITE.into(),
+                        });
+                    }
+                    // A length placeholder, filled in once the record is written.
+                    let at = buf.len();
+                    buf.put_u32_le(0);
+                    r.encode_fields(buf)?;
+                    let len = u32::try_from(buf.len() - at - 4)
+                        .map_err(|_| RecordError::TooLong("a composite record"))?;
+                    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+            }
             Record::SessionUpsert {
                 client_id,
                 protocol_level,
@@ -463,12 +589,195 @@ impl Record {
             tag::WILL_DONE => Record::WillDone {
                 client_id: r.str("client_id")?,
             },
+            tag::SESSION_OPS => {
+                let client_id = r.str("client_id")?;
+                let n = r.u32("session operations")? as usize;
+                // Every operation takes at least 3 bytes.
+                if n > r.bytes.len() / 3 {
+                    return Err(RecordError::UnexpectedEnd("session operations"));
+                }
+                let mut ops = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ops.push(r.op()?);
+                }
+                Record::SessionOps { client_id, ops }
+            }
+            tag::COMPOSITE => {
+                let n = r.u32("a composite record")? as usize;
+                // Every part takes at least 6 bytes (length, version, kind).
+                if n > r.bytes.len() / 6 {
+                    return Err(RecordError::UnexpectedEnd("a composite record"));
+                }
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = r.u32("a composite record")? as usize;
+                    let part = r.take(len, "a composite record")?;
+                    if part.get(1) == Some(&tag::COMPOSITE) {
+                        return Err(RecordError::InvalidValue {
+                            field: "a composite record",
+                            value: tag::COMPOSITE.into(),
+                        });
+                    }
+                    records.push(Record::decode(&part)?);
+                }
+                Record::Composite(records)
+            }
             other => return Err(RecordError::UnknownKind(other)),
         };
         if !r.bytes.is_empty() {
             return Err(RecordError::TrailingBytes(r.bytes.len()));
         }
         Ok(record)
+    }
+}
+
+impl Record {
+    /// This record as a [`SessionOp`] of its client, if it is one of the five kinds a
+    /// [`Record::SessionOps`] holds.
+    #[allow(clippy::result_large_err)] // gives the record back unboxed: no allocation per record
+    pub fn into_session_op(self) -> Result<(MqttStr, SessionOp), Record> {
+        Ok(match self {
+            Record::Sent {
+                client_id,
+                message_id,
+                packet_id,
+            } => (
+                client_id,
+                SessionOp::Sent {
+                    message_id,
+                    packet_id,
+                },
+            ),
+            Record::Released {
+                client_id,
+                message_id,
+                packet_id,
+            } => (
+                client_id,
+                SessionOp::Released {
+                    message_id,
+                    packet_id,
+                },
+            ),
+            Record::Delivered {
+                client_id,
+                message_id,
+            } => (client_id, SessionOp::Delivered { message_id }),
+            Record::AwaitingRelease {
+                client_id,
+                packet_id,
+            } => (client_id, SessionOp::AwaitingRelease { packet_id }),
+            Record::ReleaseDone {
+                client_id,
+                packet_id,
+            } => (client_id, SessionOp::ReleaseDone { packet_id }),
+            other => return Err(other),
+        })
+    }
+
+    /// The largest id of a message this record stores, looking inside a
+    /// [`Record::Composite`]: where the broker's next message id starts after a replay.
+    pub fn max_message_id(&self) -> Option<u64> {
+        match self {
+            Record::Message { id, .. } => Some(*id),
+            Record::Composite(parts) => parts.iter().filter_map(Record::max_message_id).max(),
+            _ => None,
+        }
+    }
+
+    /// The records of one append as one record that replays to the same state: the session
+    /// operations of each client gathered into [`Record::SessionOps`] (an operation joins an
+    /// earlier group of its client only when nothing in between could change its effect), and
+    /// the whole wrapped in a [`Record::Composite`] when more than one record is left. `None`
+    /// for no records.
+    pub fn pack(records: Vec<Record>) -> Option<Record> {
+        struct Group {
+            /// Index in `out`.
+            at: usize,
+            closed: bool,
+            /// Operations naming a message may not move before these records.
+            blocked_ids: Vec<u64>,
+            no_message_ops: bool,
+        }
+        let mut out: Vec<Record> = Vec::with_capacity(records.len());
+        let mut groups: Vec<Group> = Vec::new();
+        for r in records {
+            let r = match r.into_session_op() {
+                Ok((client_id, op)) => {
+                    let mid = op.message_id();
+                    let open = groups.iter().rev().find(|g| {
+                        !g.closed
+                            && matches!(&out[g.at], Record::SessionOps { client_id: c, .. } if *c == client_id)
+                            && mid.is_none_or(|m| !g.no_message_ops && !g.blocked_ids.contains(&m))
+                    });
+                    match open.map(|g| g.at) {
+                        Some(at) => {
+                            if let Some(Record::SessionOps { ops, .. }) = out.get_mut(at) {
+                                ops.push(op);
+                            }
+                        }
+                        None => {
+                            // Later operations of this client go to the new group.
+                            for g in &mut groups {
+                                if matches!(&out[g.at], Record::SessionOps { client_id: c, .. } if *c == client_id)
+                                {
+                                    g.closed = true;
+                                }
+                            }
+                            groups.push(Group {
+                                at: out.len(),
+                                closed: false,
+                                blocked_ids: Vec::new(),
+                                no_message_ops: false,
+                            });
+                            out.push(Record::SessionOps {
+                                client_id,
+                                ops: vec![op],
+                            });
+                        }
+                    }
+                    continue;
+                }
+                Err(r) => r,
+            };
+            // What operations may no longer move before `r`.
+            let (client, message): (Option<&MqttStr>, Option<u64>) = match &r {
+                Record::SessionUpsert { client_id, .. }
+                | Record::SessionDelete { client_id }
+                | Record::Subscribe { client_id, .. }
+                | Record::Unsubscribe { client_id, .. }
+                | Record::WillPending { client_id, .. }
+                | Record::WillDone { client_id } => (Some(client_id), None),
+                Record::Enqueue {
+                    client_id,
+                    message_id,
+                    ..
+                } => (Some(client_id), Some(*message_id)),
+                Record::Message { id, .. } | Record::MessageDrop { id } => (None, Some(*id)),
+                Record::RetainedSet { message_id, .. } => (None, Some(*message_id)),
+                _ => (None, None),
+            };
+            let everything = matches!(r, Record::SessionOps { .. } | Record::Composite(_));
+            let retained = matches!(r, Record::RetainedSet { .. } | Record::RetainedClear { .. });
+            for g in &mut groups {
+                let Some(Record::SessionOps { client_id: c, .. }) = out.get(g.at) else {
+                    continue;
+                };
+                if everything || client == Some(c) {
+                    g.closed = true;
+                }
+                if let Some(m) = message {
+                    g.blocked_ids.push(m);
+                }
+                g.no_message_ops |= retained;
+            }
+            out.push(r);
+        }
+        match out.len() {
+            0 => None,
+            1 => out.pop(),
+            _ => Some(Record::Composite(out)),
+        }
     }
 }
 
@@ -510,6 +819,39 @@ fn put_publish(buf: &mut BytesMut, publish: &Publish) -> Result<(), RecordError>
     put_len(buf, len, "the PUBLISH")?;
     qosmos_mqtt::encode_packet(&packet, ProtocolVersion::V5, buf)?;
     Ok(())
+}
+
+fn put_op(buf: &mut BytesMut, op: &SessionOp) {
+    match *op {
+        SessionOp::Sent {
+            message_id,
+            packet_id,
+        } => {
+            buf.put_u8(tag::SENT);
+            buf.put_u64_le(message_id);
+            buf.put_u16_le(packet_id.get());
+        }
+        SessionOp::Released {
+            message_id,
+            packet_id,
+        } => {
+            buf.put_u8(tag::RELEASED);
+            buf.put_u64_le(message_id);
+            buf.put_u16_le(packet_id.get());
+        }
+        SessionOp::Delivered { message_id } => {
+            buf.put_u8(tag::DELIVERED);
+            buf.put_u64_le(message_id);
+        }
+        SessionOp::AwaitingRelease { packet_id } => {
+            buf.put_u8(tag::AWAITING_RELEASE);
+            buf.put_u16_le(packet_id.get());
+        }
+        SessionOp::ReleaseDone { packet_id } => {
+            buf.put_u8(tag::RELEASE_DONE);
+            buf.put_u16_le(packet_id.get());
+        }
+    }
 }
 
 /// The options as the SUBSCRIBE options byte of MQTT 5.0.
@@ -602,6 +944,34 @@ impl Reader {
         PacketId::new(v).ok_or(RecordError::InvalidValue {
             field: "packet_id",
             value: 0,
+        })
+    }
+
+    fn op(&mut self) -> Result<SessionOp, RecordError> {
+        Ok(match self.u8("a session operation")? {
+            tag::SENT => SessionOp::Sent {
+                message_id: self.u64("message_id")?,
+                packet_id: self.packet_id()?,
+            },
+            tag::RELEASED => SessionOp::Released {
+                message_id: self.u64("message_id")?,
+                packet_id: self.packet_id()?,
+            },
+            tag::DELIVERED => SessionOp::Delivered {
+                message_id: self.u64("message_id")?,
+            },
+            tag::AWAITING_RELEASE => SessionOp::AwaitingRelease {
+                packet_id: self.packet_id()?,
+            },
+            tag::RELEASE_DONE => SessionOp::ReleaseDone {
+                packet_id: self.packet_id()?,
+            },
+            other => {
+                return Err(RecordError::InvalidValue {
+                    field: "a session operation",
+                    value: other.into(),
+                });
+            }
         })
     }
 
@@ -793,11 +1163,37 @@ mod tests {
         ]
     }
 
+    fn op() -> impl Strategy<Value = SessionOp> {
+        prop_oneof![
+            (any::<u64>(), pid()).prop_map(|(m, p)| SessionOp::Sent {
+                message_id: m,
+                packet_id: p
+            }),
+            (any::<u64>(), pid()).prop_map(|(m, p)| SessionOp::Released {
+                message_id: m,
+                packet_id: p
+            }),
+            any::<u64>().prop_map(|m| SessionOp::Delivered { message_id: m }),
+            pid().prop_map(|p| SessionOp::AwaitingRelease { packet_id: p }),
+            pid().prop_map(|p| SessionOp::ReleaseDone { packet_id: p }),
+        ]
+    }
+
+    /// Every kind, the packed ones included.
+    fn any_record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            4 => record(),
+            1 => (text(), prop::collection::vec(op(), 0..6))
+                .prop_map(|(c, ops)| Record::SessionOps { client_id: c, ops }),
+            1 => prop::collection::vec(record(), 0..5).prop_map(Record::Composite),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
         #[test]
-        fn decode_inverts_encode(r in record()) {
+        fn decode_inverts_encode(r in any_record()) {
             let bytes = r.to_bytes().unwrap();
             prop_assert_eq!(Record::decode(&bytes).unwrap(), r);
         }
@@ -808,7 +1204,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_records_never_panic(r in record(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+        fn mutated_records_never_panic(r in any_record(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
             let mut b = r.to_bytes().unwrap().to_vec();
             let i = at.index(b.len());
             b[i] = byte;
@@ -839,6 +1235,91 @@ mod tests {
             Record::decode(&Bytes::from_static(&[9, 1])),
             Err(RecordError::UnknownVersion(9))
         );
+    }
+
+    #[test]
+    fn a_nested_composite_is_refused_both_ways() {
+        let inner = Record::Composite(vec![Record::WillDone {
+            client_id: "c".into(),
+        }]);
+        let nested = Record::Composite(vec![inner.clone()]);
+        assert!(matches!(
+            nested.to_bytes(),
+            Err(RecordError::InvalidValue { .. })
+        ));
+        // Hand-made: a composite holding the encoding of a composite.
+        let part = inner.to_bytes().unwrap();
+        let mut b = BytesMut::new();
+        b.put_u8(RECORD_VERSION);
+        b.put_u8(tag::COMPOSITE);
+        b.put_u32_le(1);
+        b.put_u32_le(part.len() as u32);
+        b.put_slice(&part);
+        assert!(matches!(
+            Record::decode(&b.freeze()),
+            Err(RecordError::InvalidValue { .. })
+        ));
+    }
+
+    #[test]
+    fn pack_names_each_client_once_and_wraps_the_rest() {
+        let (a, b) = (MqttStr::from("a"), MqttStr::from("b"));
+        let p = |v| PacketId::new(v).unwrap();
+        let packed = Record::pack(vec![
+            Record::AwaitingRelease {
+                client_id: a.clone(),
+                packet_id: p(1),
+            },
+            Record::Message {
+                id: 1,
+                publish: Publish::new("t", &b"x"[..]),
+                expires_at_unix_ms: None,
+            },
+            Record::Enqueue {
+                client_id: b.clone(),
+                message_id: 1,
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                subscription_ids: vec![],
+            },
+            Record::AwaitingRelease {
+                client_id: a.clone(),
+                packet_id: p(2),
+            },
+            // Names message 1, which was stored after the group began: a group of its own.
+            Record::Delivered {
+                client_id: a.clone(),
+                message_id: 1,
+            },
+        ])
+        .unwrap();
+        let Record::Composite(parts) = packed else {
+            panic!("not a composite: {packed:?}");
+        };
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            parts[0],
+            Record::SessionOps {
+                client_id: a.clone(),
+                ops: vec![
+                    SessionOp::AwaitingRelease { packet_id: p(1) },
+                    SessionOp::AwaitingRelease { packet_id: p(2) }
+                ]
+            }
+        );
+        assert_eq!(
+            parts[3],
+            Record::SessionOps {
+                client_id: a,
+                ops: vec![SessionOp::Delivered { message_id: 1 }]
+            }
+        );
+        // The broker's next message id must come after the one inside the composite.
+        assert_eq!(Record::Composite(parts.clone()).max_message_id(), Some(1));
+        // One record stays itself; none is nothing.
+        let one = Record::WillDone { client_id: b };
+        assert_eq!(Record::pack(vec![one.clone()]), Some(one));
+        assert_eq!(Record::pack(vec![]), None);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The durable state model: what replaying the log's [`Record`]s rebuilds, and what a
 //! compaction writes back.
 
-use super::record::Record;
+use super::record::{Record, SessionOp};
 use qosmos_mqtt::{MqttStr, PacketId, Publish, QoS, SubscriptionOptions};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed
 /// deliveries, stored messages, retained messages and pending wills.
@@ -18,8 +18,9 @@ pub struct DurableState {
     /// Sessions by client identifier.
     pub sessions: BTreeMap<MqttStr, SessionState>,
     /// Stored messages by id, each with the number of deliveries and retained topics that
-    /// reference it.
-    pub messages: BTreeMap<u64, StoredMessage>,
+    /// reference it. A hash map: a message is stored and dropped for every delivery, and a
+    /// B-tree would shift its (large) values around on each.
+    pub messages: HashMap<u64, StoredMessage>,
     /// Retained messages: topic name → message id.
     pub retained: BTreeMap<MqttStr, u64>,
     /// Wills owed, by client identifier.
@@ -283,6 +284,23 @@ impl DurableState {
             Record::WillDone { client_id } => {
                 self.wills.remove(&client_id);
             }
+            Record::SessionOps { client_id, ops } => {
+                let DurableState {
+                    sessions, messages, ..
+                } = self;
+                let Some(s) = sessions.get_mut(&client_id) else {
+                    tracing::debug!(%client_id, record = "SessionOps", "record for an unknown session skipped");
+                    return;
+                };
+                for op in ops {
+                    s.apply_op(&client_id, op, messages);
+                }
+            }
+            Record::Composite(records) => {
+                for r in records {
+                    self.apply(r);
+                }
+            }
         }
     }
 
@@ -291,8 +309,16 @@ impl DurableState {
     /// owed deliveries, then retained topics and wills.
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out = Vec::new();
-        for (&id, m) in &self.messages {
-            if m.refs > 0 {
+        // In id order, so that a snapshot does not depend on the hash map's.
+        let mut ids: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.refs > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(m) = self.messages.get(&id) {
                 out.push(Record::Message {
                     id,
                     publish: m.publish.clone(),
@@ -387,11 +413,63 @@ impl DurableState {
     }
 
     fn unref(&mut self, message_id: u64) {
-        if let Some(m) = self.messages.get_mut(&message_id) {
-            m.refs = m.refs.saturating_sub(1);
-            if m.refs == 0 {
-                self.messages.remove(&message_id);
+        unref(&mut self.messages, message_id);
+    }
+}
+
+impl SessionState {
+    /// One operation of a [`Record::SessionOps`]: what the record of the same name does.
+    fn apply_op(
+        &mut self,
+        client_id: &MqttStr,
+        op: SessionOp,
+        messages: &mut HashMap<u64, StoredMessage>,
+    ) {
+        let mut stage = |message_id: u64, stage: DeliveryStage| match position(
+            &self.queue,
+            message_id,
+        )
+        .and_then(|i| self.queue.get_mut(i))
+        {
+            Some(d) => d.stage = stage,
+            None => {
+                tracing::debug!(%client_id, message_id, "operation for no owed delivery skipped");
             }
+        };
+        match op {
+            SessionOp::Sent {
+                message_id,
+                packet_id,
+            } => stage(message_id, DeliveryStage::Sent(packet_id)),
+            SessionOp::Released {
+                message_id,
+                packet_id,
+            } => stage(message_id, DeliveryStage::Released(packet_id)),
+            SessionOp::Delivered { message_id } => {
+                let Some(i) = position(&self.queue, message_id) else {
+                    tracing::debug!(%client_id, message_id, "Delivered for no owed delivery skipped");
+                    return;
+                };
+                self.queue.remove(i);
+                self.queued.remove(&message_id);
+                unref(messages, message_id);
+            }
+            SessionOp::AwaitingRelease { packet_id } => {
+                self.awaiting_release.insert(packet_id);
+            }
+            SessionOp::ReleaseDone { packet_id } => {
+                self.awaiting_release.remove(&packet_id);
+            }
+        }
+    }
+}
+
+/// Drops a reference to a stored message, and the message with its last reference.
+fn unref(messages: &mut HashMap<u64, StoredMessage>, message_id: u64) {
+    if let Some(m) = messages.get_mut(&message_id) {
+        m.refs = m.refs.saturating_sub(1);
+        if m.refs == 0 {
+            messages.remove(&message_id);
         }
     }
 }
@@ -537,6 +615,27 @@ mod tests {
         }
 
         #[test]
+        fn a_packed_append_replays_to_the_same_state(
+            before in prop::collection::vec(small_record(), 0..40),
+            append in prop::collection::vec(small_record(), 0..40),
+        ) {
+            let mut plain = DurableState::default();
+            let mut packed = DurableState::default();
+            for r in before {
+                plain.apply(r.clone());
+                packed.apply(r);
+            }
+            for r in append.clone() {
+                plain.apply(r);
+            }
+            if let Some(p) = Record::pack(append) {
+                let bytes = p.to_bytes().unwrap();
+                packed.apply(Record::decode(&bytes).unwrap());
+            }
+            prop_assert_eq!(&packed, &plain);
+        }
+
+        #[test]
         fn refcounts_match_references(log in prop::collection::vec(small_record(), 0..80)) {
             let state = DurableState::replay(log);
             for (id, m) in &state.messages {
@@ -550,6 +649,74 @@ mod tests {
                     prop_assert!(state.messages.contains_key(&d.message_id));
                 }
             }
+        }
+    }
+
+    /// `pack` must not move an operation before a record about its message: here a `Delivered`
+    /// that, moved before the `Message` (or another client's `Enqueue`) of the message it
+    /// completes, would free the message first.
+    #[test]
+    fn packing_keeps_operations_behind_records_of_their_message() {
+        let (a, b) = (MqttStr::from("a"), MqttStr::from("b"));
+        let before = vec![
+            Record::SessionUpsert {
+                client_id: a.clone(),
+                protocol_level: 5,
+                expiry_interval: 9,
+            },
+            Record::SessionUpsert {
+                client_id: b.clone(),
+                protocol_level: 5,
+                expiry_interval: 9,
+            },
+            Record::Message {
+                id: 1,
+                publish: publish("t", QoS::AtLeastOnce),
+                expires_at_unix_ms: None,
+            },
+            Record::Enqueue {
+                client_id: a.clone(),
+                message_id: 1,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: vec![],
+            },
+        ];
+        let group = Record::AwaitingRelease {
+            client_id: a.clone(),
+            packet_id: pid(1),
+        };
+        let delivered = Record::Delivered {
+            client_id: a.clone(),
+            message_id: 1,
+        };
+        let middles = [
+            Record::Message {
+                id: 1,
+                publish: publish("t", QoS::AtLeastOnce),
+                expires_at_unix_ms: None,
+            },
+            Record::Enqueue {
+                client_id: b,
+                message_id: 1,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: vec![],
+            },
+            Record::RetainedSet {
+                topic: "r".into(),
+                message_id: 1,
+            },
+        ];
+        for middle in middles {
+            let append = vec![group.clone(), middle.clone(), delivered.clone()];
+            let mut plain = DurableState::replay(before.clone());
+            let mut packed = plain.clone();
+            for r in append.clone() {
+                plain.apply(r);
+            }
+            packed.apply(Record::pack(append).unwrap());
+            assert_eq!(packed, plain, "across {middle:?}");
         }
     }
 

@@ -3,8 +3,9 @@
 //!
 //! # File format
 //! `wal.log` in the data directory starts with a 21-byte header: the magic `b"QOSMOSWAL"`, the
-//! format version (`u32` little endian, [`FORMAT_VERSION`]) and the generation (`u64` little
-//! endian, incremented by every compaction). Records follow, each framed as
+//! format version (`u32` little endian, [`FORMAT_VERSION`]; version 1 is read too, and
+//! rewritten as the current one when opened) and the generation (`u64` little endian,
+//! incremented by every compaction). Records follow, each framed as
 //! `[len: u32 LE][crc: u32 LE][payload; len]`, where `crc` is the CRC-32 (IEEE) of the four
 //! length bytes followed by the payload. Covering the length means a run of zero bytes (what
 //! some file systems show after a crash in a region that was allocated but never written) is
@@ -27,7 +28,8 @@
 //! A crash at any point leaves either the old log or the new one, both complete.
 
 use super::error::StoreError;
-use super::file::{FRAME_HEADER_LEN, put_frame, recover, sync_dir, write_new_log};
+pub(crate) use super::file::{FRAME_HEADER_LEN, frame_in_place};
+use super::file::{put_frame, recover, sync_dir, write_new_log};
 use super::writer::{Request, Shared, Writer};
 use bytes::Bytes;
 use std::collections::BTreeSet;
@@ -371,6 +373,19 @@ impl AppendPermit {
         let request = Request::Append {
             frames,
             records: records.len() as u64,
+            reply,
+            _permit: self.permit,
+        };
+        submit(&self.tx, request, rx)
+    }
+
+    /// Submits records already framed (see `file::frame_in_place`): `frames` holds `records`
+    /// whole frames, handed to the writer without another copy.
+    pub(crate) fn append_frames(self, frames: Vec<u8>, records: u64) -> Commit {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Append {
+            frames,
+            records,
             reply,
             _permit: self.permit,
         };
