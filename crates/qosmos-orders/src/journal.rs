@@ -70,6 +70,22 @@ impl Journal {
             .append(true)
             .create(true)
             .open(&path)?;
+        // Two agents on one journal would each think the other's orders new. The lock is
+        // the operating system's: it goes with the process, even on SIGKILL.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another qosmos store agent; stop it or choose another \
+                         --data-dir",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
         if !existed || created_dir {
             // The new file's directory entry must be durable too.
             File::open(dir)?.sync_all()?;
@@ -190,6 +206,17 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_journal_in_use_is_refused_until_its_holder_closes_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = Journal::open(dir.path()).expect("open");
+        let err = Journal::open(dir.path()).expect_err("in use");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(err.to_string().contains("in use by another"), "{err}");
+        drop(first);
+        Journal::open(dir.path()).expect("free again");
+    }
 
     #[test]
     fn survives_reopen_and_a_torn_tail() {

@@ -431,3 +431,31 @@ fn wait_with_deadline_cmd(mut cmd: Command) -> std::process::Output {
         .expect("spawn");
     wait_with_deadline(&mut child, Duration::from_secs(20))
 }
+
+/// A second broker on a data directory in use is refused (one line, exit 1) rather than
+/// writing the same log; once the first is SIGKILLed the directory is free at once (the
+/// operating system drops the lock with the process).
+#[test]
+fn a_data_directory_in_use_is_refused_and_freed_by_sigkill() {
+    let dir = temp_dir("durable-locked");
+    let data = dir.join("data");
+    let first = BrokerProcess::start(free_port(), &data, &dir.join("first.log"));
+    let mut cmd = qosmos();
+    cmd.args([
+        "broker",
+        "--mqtt",
+        &format!("127.0.0.1:{}", free_port()),
+        "--data-dir",
+    ])
+    .arg(&data);
+    let out = wait_with_deadline_cmd(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("in use by another qosmos"), "{stderr}");
+    first.kill();
+    let second = BrokerProcess::start(free_port(), &data, &dir.join("second.log"));
+    second.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

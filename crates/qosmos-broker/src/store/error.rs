@@ -33,8 +33,12 @@ pub enum StoreError {
         /// The log file.
         path: PathBuf,
     },
-    /// Another [`Wal`](super::Wal) in this process has the data directory open.
-    #[error("the data directory {} is already open", path.display())]
+    /// Another [`Wal`](super::Wal), in this process or another, has the data directory open.
+    #[error(
+        "the data directory {} is in use by another qosmos (its LOCK file is locked); \
+         stop that one or choose another --data-dir",
+        path.display()
+    )]
     Locked {
         /// The data directory.
         path: PathBuf,

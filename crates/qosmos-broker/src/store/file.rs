@@ -27,6 +27,8 @@ pub(crate) const FRAME_HEADER_LEN: usize = 8;
 pub const LOG_FILE: &str = "wal.log";
 /// The file a compaction writes before renaming it over [`LOG_FILE`]; removed at open.
 pub const TMP_FILE: &str = "wal.log.tmp";
+/// The file whose exclusive lock marks the data directory as in use by a process.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// Appends one framed record to `buf`.
 pub(crate) fn put_frame(buf: &mut Vec<u8>, payload: &[u8]) -> Result<(), StoreError> {

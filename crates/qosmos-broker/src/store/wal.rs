@@ -44,7 +44,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-pub use super::file::{FORMAT_VERSION, HEADER_LEN, LOG_FILE, MAGIC, MAX_RECORD_LEN, TMP_FILE};
+pub use super::file::{
+    FORMAT_VERSION, HEADER_LEN, LOCK_FILE, LOG_FILE, MAGIC, MAX_RECORD_LEN, TMP_FILE,
+};
 
 /// When the writer calls `fdatasync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,19 +127,38 @@ pub struct WalStats {
 /// The data directories open in this process: a second [`Wal::open`] of one is refused.
 static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-/// Holds a data directory open in [`OPEN_DIRS`] until dropped.
+/// Holds a data directory open until dropped: in [`OPEN_DIRS`] for this process, and by an
+/// exclusive lock on its `LOCK` file for every other process (the operating system releases
+/// it when the holder dies, even by SIGKILL, so a crash never leaves the directory locked).
 #[derive(Debug)]
-struct DirLock(PathBuf);
+struct DirLock(PathBuf, #[allow(dead_code)] fs::File);
 
 impl DirLock {
     fn acquire(dir: &Path) -> Result<DirLock, StoreError> {
         let mut open = OPEN_DIRS.lock().unwrap_or_else(PoisonError::into_inner);
-        if !open.insert(dir.to_path_buf()) {
+        if open.contains(dir) {
             return Err(StoreError::Locked {
                 path: dir.to_path_buf(),
             });
         }
-        Ok(DirLock(dir.to_path_buf()))
+        let path = dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(StoreError::io("lock", &path, e)),
+        }
+        open.insert(dir.to_path_buf());
+        Ok(DirLock(dir.to_path_buf(), file))
     }
 }
 
