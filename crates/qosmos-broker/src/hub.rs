@@ -182,16 +182,16 @@ impl Hub {
         records: &mut Vec<Record>,
     ) {
         let mut sessions = self.sessions();
-        if let Some(current) = sessions.get(&session.client_id) {
-            if Arc::ptr_eq(current, session) {
-                sessions.remove(&session.client_id);
-                if let Some(g) = guard {
-                    if g.has_session(&session.client_id) {
-                        records.push(Record::SessionDelete {
-                            client_id: MqttStr::from(&*session.client_id),
-                        });
-                    }
-                }
+        if let Some(current) = sessions.get(&session.client_id)
+            && Arc::ptr_eq(current, session)
+        {
+            sessions.remove(&session.client_id);
+            if let Some(g) = guard
+                && g.has_session(&session.client_id)
+            {
+                records.push(Record::SessionDelete {
+                    client_id: MqttStr::from(&*session.client_id),
+                });
             }
         }
         drop(sessions);
@@ -228,10 +228,10 @@ impl Hub {
             }
             None => (self.prepare(publish, origin, None, &mut Vec::new()), None),
         };
-        if let Some(c) = commit {
-            if let Err(e) = c.await {
-                tracing::error!(error = %e, "the write-ahead log failed");
-            }
+        if let Some(c) = commit
+            && let Err(e) = c.await
+        {
+            tracing::error!(error = %e, "the write-ahead log failed");
         }
         self.dispatch(routed)
     }
@@ -388,13 +388,13 @@ impl Hub {
         ids: &[u32],
         message_id: Option<u64>,
     ) {
-        if !self.deliver_inner(session, publish, qos, retain, ids, message_id) {
-            if let (Some(store), Some(id)) = (&self.store, message_id) {
-                store.lock().submit_lazy(vec![Record::Delivered {
-                    client_id: session.client_str.clone(),
-                    message_id: id,
-                }]);
-            }
+        if !self.deliver_inner(session, publish, qos, retain, ids, message_id)
+            && let (Some(store), Some(id)) = (&self.store, message_id)
+        {
+            store.lock().submit_lazy(vec![Record::Delivered {
+                client_id: session.client_str.clone(),
+                message_id: id,
+            }]);
         }
     }
 
@@ -454,10 +454,10 @@ impl Hub {
                     s.message_ids.insert(ticket, id);
                 }
                 // Queued rather than sent: remember when it expires (see `expire_pending`).
-                if let Some(at) = expires_at {
-                    if !s.is_online() || s.outgoing.pending_len() > 0 {
-                        s.expiring.insert(ticket, at);
-                    }
+                if let Some(at) = expires_at
+                    && (!s.is_online() || s.outgoing.pending_len() > 0)
+                {
+                    s.expiring.insert(ticket, at);
                 }
                 if s.is_online() {
                     s.wake();

@@ -166,7 +166,7 @@ fn acknowledged_appends_survive_sigkill() {
         eprintln!(
             "cycle {cycle}: log holds 0..{n}, last acknowledged {last_acked:?}, cut {torn} bytes"
         );
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             // What a power loss could leave and a kill cannot: the start of a frame whose
             // payload never reached the disk. The next child must cut it off and go on.
             let mut log = std::fs::OpenOptions::new()

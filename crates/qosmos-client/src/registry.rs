@@ -186,13 +186,13 @@ impl Registry {
         options: &SubscribeOptions,
         result: Result<SubscribeOutcome, ReasonCode>,
     ) {
-        if let Some((o, state)) = self.entries.get_mut(filter) {
-            if o == options {
-                *state = match result {
-                    Ok(outcome) => SubscriptionState::Granted(outcome),
-                    Err(code) => SubscriptionState::Refused(code),
-                };
-            }
+        if let Some((o, state)) = self.entries.get_mut(filter)
+            && o == options
+        {
+            *state = match result {
+                Ok(outcome) => SubscriptionState::Granted(outcome),
+                Err(code) => SubscriptionState::Refused(code),
+            };
         }
     }
 

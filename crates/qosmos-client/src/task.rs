@@ -442,15 +442,15 @@ impl Task {
                 End::Closed
             }
             Err(reason) => {
-                if self.opts.protocol == ProtocolVersion::V5 {
-                    if let Some(code) = reason.1 {
-                        let _ = conn.encode(&Packet::Disconnect(Disconnect::new(code)));
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(200),
-                            conn.writer.write_all_buf(&mut conn.wbuf),
-                        )
-                        .await;
-                    }
+                if self.opts.protocol == ProtocolVersion::V5
+                    && let Some(code) = reason.1
+                {
+                    let _ = conn.encode(&Packet::Disconnect(Disconnect::new(code)));
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        conn.writer.write_all_buf(&mut conn.wbuf),
+                    )
+                    .await;
                 }
                 End::Lost(reason.0)
             }
@@ -625,20 +625,20 @@ impl Task {
     /// Moves the state machines' output into the write buffer.
     fn drain(&mut self, conn: &mut Conn) -> Result<(), String> {
         while let Some(packet) = self.outgoing.poll_transmit() {
-            if let Packet::Publish(p) = &packet {
-                if p.qos == QoS::AtMostOnce {
-                    let ticket = self.take_qos0(p);
-                    if let Err(e) = conn.encode(&packet) {
-                        if let Some(w) = ticket.and_then(|t| self.pub_waiters.remove(&t)) {
-                            let _ = w.send(Err(ClientError::Encode(e)));
-                        }
-                        continue;
-                    }
-                    if let Some(t) = ticket {
-                        self.qos0_marks.push_back((conn.queued, t));
+            if let Packet::Publish(p) = &packet
+                && p.qos == QoS::AtMostOnce
+            {
+                let ticket = self.take_qos0(p);
+                if let Err(e) = conn.encode(&packet) {
+                    if let Some(w) = ticket.and_then(|t| self.pub_waiters.remove(&t)) {
+                        let _ = w.send(Err(ClientError::Encode(e)));
                     }
                     continue;
                 }
+                if let Some(t) = ticket {
+                    self.qos0_marks.push_back((conn.queued, t));
+                }
+                continue;
             }
             if let Err(e) = conn.encode(&packet) {
                 // Checked against the broker's limit when published; only a lowered limit on a
@@ -803,10 +803,10 @@ impl Task {
     }
 
     fn outbox_done(&mut self, ticket: Ticket) {
-        if let (Some(outbox), Some(id)) = (self.outbox.as_mut(), self.outbox_ids.remove(&ticket)) {
-            if let Err(e) = outbox.done(id) {
-                tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot mark a message done");
-            }
+        if let (Some(outbox), Some(id)) = (self.outbox.as_mut(), self.outbox_ids.remove(&ticket))
+            && let Err(e) = outbox.done(id)
+        {
+            tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot mark a message done");
         }
     }
 
@@ -938,10 +938,10 @@ impl Task {
             return Err("no free packet identifier for SUBSCRIBE".to_owned());
         };
         let mut properties = Properties::new();
-        if self.opts.protocol == ProtocolVersion::V5 {
-            if let Some(id) = entries.first().and_then(|(_, o)| o.subscription_identifier) {
-                properties.add_subscription_identifier(id);
-            }
+        if self.opts.protocol == ProtocolVersion::V5
+            && let Some(id) = entries.first().and_then(|(_, o)| o.subscription_identifier)
+        {
+            properties.add_subscription_identifier(id);
         }
         let packet = Packet::Subscribe(Subscribe {
             packet_id,
@@ -1021,10 +1021,10 @@ impl Task {
                     .entry(filter.clone())
                     .or_default()
                     .push((options, reply));
-                if let Some(conn) = conn {
-                    if let Err(e) = self.send_subscribe(conn, vec![(filter, options)], false) {
-                        tracing::error!(error = %e, "cannot send SUBSCRIBE now; sent on reconnect");
-                    }
+                if let Some(conn) = conn
+                    && let Err(e) = self.send_subscribe(conn, vec![(filter, options)], false)
+                {
+                    tracing::error!(error = %e, "cannot send SUBSCRIBE now; sent on reconnect");
                 }
             }
             Command::Unsubscribe(filter, reply) => {
@@ -1103,15 +1103,15 @@ impl Task {
             )
         });
         let mut stored = None;
-        if msg.qos != QoS::AtMostOnce {
-            if let Some(outbox) = self.outbox.as_mut() {
-                match outbox.append(&msg) {
-                    Ok(id) => stored = Some(id),
-                    Err(e) => {
-                        tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot store a message");
-                        let _ = reply.send(Err(ClientError::Outbox(e.to_string())));
-                        return;
-                    }
+        if msg.qos != QoS::AtMostOnce
+            && let Some(outbox) = self.outbox.as_mut()
+        {
+            match outbox.append(&msg) {
+                Ok(id) => stored = Some(id),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %outbox.path().display(), "outbox: cannot store a message");
+                    let _ = reply.send(Err(ClientError::Outbox(e.to_string())));
+                    return;
                 }
             }
         }

@@ -238,20 +238,16 @@ impl<K, V> SubscriptionIndex<K, V> {
 
         // The root is handled apart for the `$` rule.
         let dollar = topic.starts_with('$');
-        if !dollar {
-            if let Some(leaf) = self.root.hash.as_deref() {
-                visit(leaf);
-            }
+        if !dollar && let Some(leaf) = self.root.hash.as_deref() {
+            visit(leaf);
         }
         let (level, rest) = next_level(topic);
         let mut pending = Pending::new();
         if let Some(child) = self.root.literal.get(level) {
             pending.push(child, rest);
         }
-        if !dollar {
-            if let Some(child) = self.root.plus.as_deref() {
-                pending.push(child, rest);
-            }
+        if !dollar && let Some(child) = self.root.plus.as_deref() {
+            pending.push(child, rest);
         }
 
         // Depth first: follow one branch in the loop, keep the other (if any) for later.

@@ -127,13 +127,13 @@ fn properties(ctx: PropertyContext) -> impl Strategy<Value = Properties> {
                     props.push(p);
                 }
             }
-            if let Some(d) = auth_data {
-                if PropertyId::AuthenticationData.allowed_in(ctx) {
-                    if props.authentication_method().is_none() {
-                        props.set_authentication_method("SCRAM-SHA-1");
-                    }
-                    props.set_authentication_data(d);
+            if let Some(d) = auth_data
+                && PropertyId::AuthenticationData.allowed_in(ctx)
+            {
+                if props.authentication_method().is_none() {
+                    props.set_authentication_method("SCRAM-SHA-1");
                 }
+                props.set_authentication_data(d);
             }
             props
         })

@@ -437,11 +437,9 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
             answers.push((reply, answer));
         }
         drop(out);
-        if appended {
-            if let Err(e) = j.sync() {
-                tracing::error!(error = %e, "cannot sync the journal: stopping");
-                std::process::exit(1);
-            }
+        if appended && let Err(e) = j.sync() {
+            tracing::error!(error = %e, "cannot sync the journal: stopping");
+            std::process::exit(1);
         }
         drop(j);
         for (reply, answer) in answers.drain(..) {

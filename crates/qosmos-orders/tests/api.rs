@@ -153,10 +153,9 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok())
+        && body.len() < len
     {
-        if body.len() < len {
-            return Err(bad("truncated body"));
-        }
+        return Err(bad("truncated body"));
     }
     Ok(Resp {
         status,

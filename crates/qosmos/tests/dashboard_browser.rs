@@ -175,10 +175,10 @@ impl Chromium {
                     Ok(_) => {}
                 }
                 msg.pop();
-                if let Ok(v) = serde_json::from_slice::<Value>(&msg) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
+                if let Ok(v) = serde_json::from_slice::<Value>(&msg)
+                    && tx.send(v).is_err()
+                {
+                    return;
                 }
             }
         });

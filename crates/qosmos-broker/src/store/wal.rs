@@ -365,10 +365,10 @@ impl Drop for Wal {
     fn drop(&mut self) {
         self.permits.close();
         let _ = self.tx.send(Request::Shutdown);
-        if let Some(writer) = self.writer.take() {
-            if writer.join().is_err() {
-                tracing::error!(dir = %self.dir.display(), "the write-ahead log writer panicked");
-            }
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(dir = %self.dir.display(), "the write-ahead log writer panicked");
         }
     }
 }

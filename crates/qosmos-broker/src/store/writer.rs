@@ -199,11 +199,11 @@ impl Writer {
                 self.start_compaction(snapshot, reply);
             }
             Request::CompactionDone(seq) => {
-                if self.compaction.as_ref().is_some_and(|c| c.seq == seq) {
-                    if let Some(c) = self.compaction.take() {
-                        self.flush();
-                        self.finish_compaction(c);
-                    }
+                if self.compaction.as_ref().is_some_and(|c| c.seq == seq)
+                    && let Some(c) = self.compaction.take()
+                {
+                    self.flush();
+                    self.finish_compaction(c);
                 }
             }
             Request::Shutdown => return true,

@@ -208,10 +208,10 @@ impl Decoder {
         if session_present && !reason_code.is_success() {
             return Err(DecodeError::InvalidConnAckFlags(flags));
         }
-        if let Some(q) = properties.maximum_qos() {
-            if q > 1 {
-                return Err(DecodeError::InvalidPropertyValue(PropertyId::MaximumQoS));
-            }
+        if let Some(q) = properties.maximum_qos()
+            && q > 1
+        {
+            return Err(DecodeError::InvalidPropertyValue(PropertyId::MaximumQoS));
         }
         Ok(ConnAck {
             session_present,

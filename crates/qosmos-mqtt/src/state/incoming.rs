@@ -212,10 +212,10 @@ impl Incoming {
             _ => return Err(StateError::PacketIdMismatch { qos }),
         };
         let existing = self.exchanges.get(&packet_id).copied();
-        if let Some(ex) = existing {
-            if ex.stage.qos() != qos {
-                return Err(StateError::PacketIdInUse { packet_id, qos });
-            }
+        if let Some(ex) = existing
+            && ex.stage.qos() != qos
+        {
+            return Err(StateError::PacketIdInUse { packet_id, qos });
         }
         if !existing.is_some_and(|ex| ex.seen)
             && self.in_window >= usize::from(self.config.receive_maximum)
@@ -477,11 +477,11 @@ impl Incoming {
     }
 
     fn mark_seen(&mut self, packet_id: PacketId) {
-        if let Some(ex) = self.exchanges.get_mut(&packet_id) {
-            if !ex.seen {
-                ex.seen = true;
-                self.in_window += 1;
-            }
+        if let Some(ex) = self.exchanges.get_mut(&packet_id)
+            && !ex.seen
+        {
+            ex.seen = true;
+            self.in_window += 1;
         }
     }
 
@@ -493,10 +493,10 @@ impl Incoming {
 
     /// Forgets an exchange: its PUBACK, PUBCOMP or failed PUBREC is being sent.
     fn close(&mut self, packet_id: PacketId) {
-        if let Some(ex) = self.exchanges.remove(&packet_id) {
-            if ex.seen {
-                self.in_window -= 1;
-            }
+        if let Some(ex) = self.exchanges.remove(&packet_id)
+            && ex.seen
+        {
+            self.in_window -= 1;
         }
     }
 
