@@ -138,6 +138,7 @@ impl Broker {
                 }
             });
         }
+        background.spawn(crate::connection::keep_alive_sweep(hub.clone()));
         if let Some(every) = hub.limits.sys_interval {
             background.spawn(crate::sys::publish_loop(hub.clone(), every));
         }
@@ -152,11 +153,14 @@ impl Broker {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
-                        let stop = stop_rx.clone();
                         match permits.clone().try_acquire_owned() {
                             Ok(permit) => {
+                                // Made before the task, so that the task holds only it and the
+                                // permit, not its arguments as well (the task's size is what
+                                // an idle connection costs).
+                                let serve = crate::connection::serve(hub, stream, peer, stop_rx.clone());
                                 connections.spawn(async move {
-                                    crate::connection::serve(hub, stream, peer, stop).await;
+                                    serve.await;
                                     drop(permit);
                                 });
                             }
@@ -177,6 +181,9 @@ impl Broker {
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
+        // A waiting connection polls no watch future (that would make every idle connection
+        // bigger): it reads the flag when woken.
+        crate::connection::wake_all(&hub);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while connections.join_next().await.is_some() {}
         })
