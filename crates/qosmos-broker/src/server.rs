@@ -153,18 +153,11 @@ impl Broker {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
-                        match permits.clone().try_acquire_owned() {
-                            Ok(permit) => {
-                                // Made before the task, so that the task holds only it and the
-                                // permit, not its arguments as well (the task's size is what
-                                // an idle connection costs).
-                                let serve = crate::connection::serve(hub, stream, peer, stop_rx.clone());
-                                connections.spawn(async move {
-                                    serve.await;
-                                    drop(permit);
-                                });
+                        match crate::connection::Slot::take(&permits) {
+                            Some(slot) => {
+                                connections.spawn(crate::connection::serve(hub, stream, peer, slot));
                             }
-                            Err(_) => {
+                            None => {
                                 Metrics::inc(&hub.metrics.connections_refused_limit);
                                 tracing::warn!(%peer, "connection limit reached: refusing");
                                 connections.spawn(crate::connection::refuse_busy(hub, stream));
@@ -181,8 +174,9 @@ impl Broker {
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
-        // A waiting connection polls no watch future (that would make every idle connection
-        // bigger): it reads the flag when woken.
+        // A connection's shutdown signal is the connection limit's semaphore closing (a watch
+        // future polled by every idle connection would make each bigger): it sees it when woken.
+        permits.close();
         crate::connection::wake_all(&hub);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while connections.join_next().await.is_some() {}
