@@ -5,7 +5,7 @@ use crate::config::Limits;
 use crate::durable::{StoreGuard, storable, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
-use crate::session::{Connection, Session, SessionState, SubOptions, Wake};
+use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
 use bytes::BytesMut;
 use qosmos_mqtt::state::{
@@ -16,7 +16,6 @@ use qosmos_mqtt::{
     PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
     RetainHandling, Role, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -388,9 +387,8 @@ struct Conn {
     will: Option<Box<LastWill>>,
     keep_alive: KeepAliveTimer,
     /// Topic aliases the client set (5.0), alias → topic; allocated at the first one (an
-    /// empty map is 48 bytes that every idle connection would hold).
-    #[allow(clippy::box_collection)]
-    aliases: Option<Box<HashMap<u16, MqttStr>>>,
+    /// empty `HashMap` is 48 bytes that every idle connection would hold).
+    aliases: SmallMap<u16, MqttStr>,
     /// Session expiry from CONNECT; 0 there forbids a non-zero value at DISCONNECT.
     connect_expiry: u32,
     /// A `Vec` rather than a `BytesMut`: 8 bytes less held by every connection.
@@ -599,7 +597,7 @@ impl Conn {
             encoder,
             waker,
             will: c.will.map(Box::new),
-            aliases: None,
+            aliases: SmallMap::default(),
             connect_expiry: expiry,
             wbuf,
         })
@@ -1003,7 +1001,7 @@ impl Conn {
                 return Some(End::ProtocolError(ReasonCode::TOPIC_ALIAS_INVALID));
             }
             if p.topic.is_empty() {
-                match self.aliases.as_ref().and_then(|a| a.get(&alias)) {
+                match self.aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         self.send_disconnect(batch, ReasonCode::PROTOCOL_ERROR);
@@ -1011,9 +1009,7 @@ impl Conn {
                     }
                 }
             } else {
-                self.aliases
-                    .get_or_insert_with(Default::default)
-                    .insert(alias, p.topic.clone());
+                self.aliases.insert(alias, p.topic.clone());
             }
             p.properties.remove(PropertyId::TopicAlias);
         }
@@ -1426,7 +1422,7 @@ mod tests {
             ("KeepAliveTimer", std::mem::size_of::<KeepAliveTimer>(), 16),
             ("Wake", std::mem::size_of::<Wake>(), 48),
             ("Connection", std::mem::size_of::<Connection>(), 48),
-            ("SessionState", std::mem::size_of::<SessionState>(), 672),
+            ("SessionState", std::mem::size_of::<SessionState>(), 592),
         ];
         for (what, size, bound) in sizes {
             assert!(size <= bound, "{what} is {size} bytes, more than {bound}");

@@ -4,6 +4,7 @@
 use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
 use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,10 +48,46 @@ pub(crate) struct SessionState {
     /// When queued messages with a Message Expiry Interval expire, by their ticket in
     /// `outgoing`. Only messages that went to the pending queue are here; cleared whenever that
     /// queue is empty.
-    pub(crate) expiring: HashMap<Ticket, Instant>,
+    pub(crate) expiring: SmallMap<Ticket, Instant>,
     /// The durable message id of each delivery the store knows of (an `Enqueue` record), by
     /// its ticket in `outgoing`: names the message in `Sent`, `Released` and `Delivered`.
-    pub(crate) message_ids: HashMap<Ticket, u64>,
+    pub(crate) message_ids: SmallMap<Ticket, u64>,
+}
+
+/// A hash map that holds 8 bytes and allocates nothing until its first entry (an empty
+/// `HashMap` holds 48): every session has two, most never use them, and memory per idle
+/// connection is a measured goal (BENCHMARKS.md).
+#[derive(Debug)]
+#[allow(clippy::box_collection)] // the point: a pointer while empty
+pub(crate) struct SmallMap<K, V>(Option<Box<HashMap<K, V>>>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        SmallMap(None)
+    }
+}
+
+impl<K: Eq + Hash, V> SmallMap<K, V> {
+    pub(crate) fn insert(&mut self, k: K, v: V) -> Option<V> {
+        self.0.get_or_insert_with(Default::default).insert(k, v)
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<&V> {
+        self.0.as_ref()?.get(k)
+    }
+
+    pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
+        self.0.as_mut()?.remove(k)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|m| m.is_empty())
+    }
+
+    /// Empties the map and frees it.
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The link from a session to the connection task that serves it.
@@ -170,7 +207,7 @@ impl SessionState {
         }
         let mut fresh = Outgoing::new(config);
         fresh.set_receive_maximum(self.outgoing.receive_maximum());
-        let mut message_ids = HashMap::new();
+        let mut message_ids = SmallMap::default();
         let mut dropped_ids = Vec::new();
         for e in self.outgoing.inflight() {
             // Packet identifiers in `inflight()` are unique, so this cannot fail.
@@ -185,7 +222,7 @@ impl SessionState {
             .pending()
             .map(|(t, p)| (t, p.clone()))
             .collect();
-        let mut expiring = HashMap::new();
+        let mut expiring = SmallMap::default();
         let mut dropped = 0;
         for (ticket, mut p) in pending {
             let deadline = self.expiring.get(&ticket).copied();
