@@ -210,9 +210,9 @@ deliveries() { # QOS PAYLOAD
 shape_args() { # SHAPE DELIVERIES
     case "$1" in
         fan-in) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --messages $(($2 / 20))" ;;
-        # The same fan-in at an offered 5,000 msgs/s in total for 2 s, below what either
+        # The same fan-in at an offered 5,000 msgs/s in total for 4 s, below what either
         # broker sustains: latency at equal load (the saturated fan-in compares queues).
-        fan-in-5k) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --rate 5000 --messages 500" ;;
+        fan-in-5k) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --rate 5000 --messages 1000" ;;
         fan-out) echo "--publishers 1 --subscribers 100 --messages $(($2 / 100))" ;;
         pairs) echo "--publishers 100 --subscribers 100 --topics 100 --messages $(($2 / 100))" ;;
         # Latency below saturation: 10 pairs at 5,000 msgs/s in total for 3 s (0.6 s quick).
