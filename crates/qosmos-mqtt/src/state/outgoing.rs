@@ -6,7 +6,7 @@ use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, PubRe
 use crate::properties::Properties;
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Names one message handed to [`Outgoing::publish`], from then until its completion.
 ///
@@ -266,7 +266,9 @@ pub struct Outgoing {
     /// Inflight exchanges in the order their PUBLISH was first sent.
     entries: BTreeMap<u64, Entry>,
     by_id: HashMap<PacketId, u64>,
-    reserved: HashSet<PacketId>,
+    /// Identifiers taken with [`Outgoing::reserve_packet_id`]; a `BTreeSet` (24 bytes, nothing allocated while
+    /// empty) rather than a `HashSet` (48): a broker never reserves, and holds one per session.
+    reserved: BTreeSet<PacketId>,
     /// Inflight exchanges not yet resent on this connection because the window was full.
     parked: VecDeque<u64>,
     sent_count: usize,
@@ -294,7 +296,7 @@ impl Outgoing {
             ids: PacketIds::new(),
             entries: BTreeMap::new(),
             by_id: HashMap::new(),
-            reserved: HashSet::new(),
+            reserved: BTreeSet::new(),
             parked: VecDeque::new(),
             sent_count: 0,
             pending: VecDeque::new(),
