@@ -4,15 +4,19 @@
 # broker's peak memory (VmHWM), with the qosmos/Mosquitto ratio.
 #
 # Usage: bench/compare.sh [--quick] [--only mosquitto|qosmos] [--nodelay] [--out DIR] [--no-build]
+#                         [--bin PATH] [--idle-only]
 #        bench/compare.sh --durable [--quick] [--out DIR] [--no-build]
 #
-#   --quick      QoS 0/1/2 x {fan-in, fan-out, pairs, steady} at 64 B only, 1/5 of the messages,
-#                2,000 idle connections instead of 10,000.
+#   --quick      QoS 0/1/2 x {fan-in, fan-in-5k, fan-out, pairs, steady} at 64 B only, 1/5 of
+#                the messages, 2,000 idle connections instead of 10,000.
 #   --only B     run one broker only (the other's columns stay empty).
 #   --nodelay    add `set_tcp_nodelay true` to Mosquitto's config (its default is false:
 #                Nagle's algorithm then adds ~40 ms to deliveries at low rates).
 #   --out DIR    where logs and results.tsv go (default: a new directory under /tmp).
 #   --no-build   use target/release/qosmos as it is.
+#   --bin PATH   use this qosmos binary (broker and bench) instead, e.g. an older build to
+#                compare against; implies --no-build.
+#   --idle-only  only the idle-connections part.
 #   --durable    durability instead: QoS 1 and 2 with persistent sessions (--session-expiry)
 #                against qosmos in memory, qosmos --data-dir with --fsync always|batch|never,
 #                and Mosquitto with persistence true; msgs/s and the ratio to in-memory.
@@ -31,6 +35,8 @@ OUT=""
 BUILD=1
 DURABLE=0
 MOSQUITTO_EXTRA=""
+BIN=""
+IDLE_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -45,10 +51,20 @@ while [ $# -gt 0 ]; do
             ;;
         --out=*) OUT="${1#--out=}" ;;
         --no-build) BUILD=0 ;;
+        --bin)
+            BIN="${2:-}"
+            BUILD=0
+            shift
+            ;;
+        --bin=*)
+            BIN="${1#--bin=}"
+            BUILD=0
+            ;;
+        --idle-only) IDLE_ONLY=1 ;;
         --nodelay) MOSQUITTO_EXTRA="set_tcp_nodelay true" ;;
         --durable) DURABLE=1 ;;
         -h | --help)
-            sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -79,9 +95,9 @@ fi
 if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release -p qosmos)
 fi
-BIN="$ROOT/target/release/qosmos"
+[ -n "$BIN" ] || BIN="$ROOT/target/release/qosmos"
 [ -x "$BIN" ] || {
-    echo "compare.sh: $BIN missing (drop --no-build)" >&2
+    echo "compare.sh: $BIN missing (drop --no-build, or check --bin)" >&2
     exit 2
 }
 
@@ -168,13 +184,13 @@ field() { sed -E "s/.*\"$2\":(-?[0-9.]+).*/\\1/;t;s/.*/-/" <<<"$1"; }
 if [ "$QUICK" = 1 ]; then
     QOSES="0 1 2"
     PAYLOADS="64"
-    SHAPES="fan-in fan-out pairs steady"
+    SHAPES="fan-in fan-in-5k fan-out pairs steady"
     SCALE=5
     IDLE=2000
 else
     QOSES="0 1 2"
     PAYLOADS="64 4096"
-    SHAPES="fan-in fan-out pairs steady"
+    SHAPES="fan-in fan-in-5k fan-out pairs steady"
     SCALE=1
     IDLE=10000
 fi
@@ -194,6 +210,9 @@ deliveries() { # QOS PAYLOAD
 shape_args() { # SHAPE DELIVERIES
     case "$1" in
         fan-in) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --messages $(($2 / 20))" ;;
+        # The same fan-in at an offered 5,000 msgs/s in total for 4 s, below what either
+        # broker sustains: latency at equal load (the saturated fan-in compares queues).
+        fan-in-5k) echo "--publishers 20 --subscribers 1 --topics 20 --wildcard --rate 5000 --messages 1000" ;;
         fan-out) echo "--publishers 1 --subscribers 100 --messages $(($2 / 100))" ;;
         pairs) echo "--publishers 100 --subscribers 100 --topics 100 --messages $(($2 / 100))" ;;
         # Latency below saturation: 10 pairs at 5,000 msgs/s in total for 3 s (0.6 s quick).
@@ -253,6 +272,7 @@ run_idle() { # BROKER
 }
 
 echo "results: $OUT" >&2
+[ "$IDLE_ONLY" = 0 ] || QOSES=""
 for qos in $QOSES; do
     for payload in $PAYLOADS; do
         for shape in $SHAPES; do

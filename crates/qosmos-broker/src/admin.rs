@@ -74,7 +74,7 @@ impl BrokerHandle {
                 ClientInfo {
                     client_id: s.client_id.to_string(),
                     connected: st.is_online(),
-                    peer: st.connection.as_ref().map(|c| c.peer.clone()),
+                    peer: st.connection.as_ref().map(|c| c.peer.to_string()),
                     protocol: st.version.to_string(),
                     clean_start: st.clean_start,
                     keep_alive: st.keep_alive,

@@ -5,26 +5,25 @@ use crate::config::Limits;
 use crate::durable::{StoreGuard, storable, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
-use crate::session::{Connection, Session, SessionState, SubOptions};
+use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
 use bytes::BytesMut;
 use qosmos_mqtt::state::{
-    AckMode, Incoming, IncomingConfig, KeepAlive, KeepAliveAction, Outgoing, OutgoingConfig,
-    StateError, Ticket,
+    AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError, Ticket,
 };
 use qosmos_mqtt::{
     ConnAck, Connect, DecodeError, Decoder, Disconnect, Encoder, LastWill, MqttStr, Packet,
     PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
     RetainHandling, Role, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Semaphore;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +96,7 @@ enum ReadError {
 
 /// Reads until `decoder` yields one packet.
 async fn read_packet(
-    rd: &mut OwnedReadHalf,
+    rd: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     decoder: &mut Decoder,
 ) -> Result<Packet, ReadError> {
@@ -118,7 +117,7 @@ async fn read_packet(
 /// CONNECT at the front of the buffer if it was seen: the decoder consumes a packet it rejects,
 /// so the level must be taken before decoding to answer a bad 5.0 CONNECT with a CONNACK.
 async fn read_connect(
-    rd: &mut OwnedReadHalf,
+    rd: &mut TcpStream,
     buf: &mut BytesMut,
     decoder: &mut Decoder,
 ) -> (Result<Packet, ReadError>, Option<u8>) {
@@ -130,7 +129,7 @@ async fn read_connect(
             Ok(None) => {}
             Err(e) => return (Err(ReadError::Decode(e)), level),
         }
-        buf.reserve(4096);
+        buf.reserve(CONNECT_READ);
         match rd.read_buf(buf).await {
             Ok(0) => return (Err(ReadError::Closed), level),
             Ok(_) => {}
@@ -180,22 +179,103 @@ pub(crate) fn new_session_state(limits: &Limits, v: ProtocolVersion, expiry: u32
     }
 }
 
+/// How much is read at a time before the CONNECT is whole: most CONNECTs are far smaller, and
+/// a bigger one grows the buffer.
+const CONNECT_READ: usize = 1024;
+
+/// What woke an idle connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// Just connected: packets may have come behind the CONNECT, the CONNACK is to be sent.
+    Start,
+    /// The socket is readable (or closed).
+    Readable,
+    /// The socket failed.
+    Lost,
+    /// Its [`Wake`]: packets to send, taken over, or the keep alive is due.
+    Woken,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+/// A connection's place under the connection limit, given back when the connection ends (or
+/// its task is dropped). The limit's semaphore is closed when the broker shuts down: that is
+/// the connection's shutdown signal, which costs it no more than this pointer.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<Semaphore>);
+
+impl Slot {
+    /// Takes a place, if one is left.
+    pub(crate) fn take(permits: &Arc<Semaphore>) -> Option<Slot> {
+        let permit = permits.try_acquire().ok()?;
+        permit.forget();
+        Some(Slot(permits.clone()))
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
+
 /// Serves one accepted connection to its end.
-pub(crate) async fn serve(
+///
+/// Memory per idle connection is a measured goal (BENCHMARKS.md), and a task's memory is the
+/// size of its future, which is that of its largest state. So the task holds little while it
+/// waits: the connection, its socket and a [`Wake`] polled in place, no timer (the keep-alive
+/// sweep wakes it when due). The CONNECT handshake, the handling of what was read or woken,
+/// and the end each run in a future boxed for the time they take.
+pub(crate) fn serve(
     hub: Arc<Hub>,
     stream: TcpStream,
     peer: SocketAddr,
-    shutdown: watch::Receiver<bool>,
-) {
+    slot: Slot,
+) -> impl Future<Output = ()> + Send {
+    // Boxed before the task's future is made, so that its arguments are not part of it.
+    let handshake = Box::pin(handshake(hub, stream, peer));
+    async move {
+        let Some((mut conn, mut io, mut rbuf, mut decoder)) = handshake.await else {
+            return;
+        };
+        Metrics::inc(&conn.hub.metrics.clients_connected);
+        // Written out here rather than in a method, so that the wait holds no more than it
+        // needs: each event is handled in a boxed `step`, the wait itself is three references.
+        let mut event = Event::Start;
+        let end = loop {
+            if let Some(end) = Box::pin(conn.step(event, &mut io, &mut rbuf, &mut decoder)).await {
+                break end;
+            }
+            event = conn.wait(&io, &slot).await;
+        };
+        Metrics::dec(&conn.hub.metrics.clients_connected);
+        // Counted here, once per connection, so that every way of ending with a protocol error
+        // (bad packet, state error, AUTH, bad topic alias, ...) shows in the metric.
+        if let End::ProtocolError(_) = end {
+            Metrics::inc(&conn.hub.metrics.protocol_errors);
+        }
+        Box::pin(conn.finish(end, &mut io)).await;
+    }
+}
+
+/// Reads the CONNECT and accepts (or refuses) it; `None` when the connection is over.
+async fn handshake(
+    hub: Arc<Hub>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Conn, TcpStream, BytesMut, Decoder)> {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(CONNECT_READ);
     let mut decoder = Decoder::new(Role::Server, None);
     decoder.set_max_packet_size(hub.limits.max_packet_size);
 
     let first = tokio::time::timeout(
         hub.limits.connect_timeout,
-        read_connect(&mut rd, &mut rbuf, &mut decoder),
+        read_connect(&mut stream, &mut rbuf, &mut decoder),
     )
     .await;
     let (first, level) = match first {
@@ -206,7 +286,7 @@ pub(crate) async fn serve(
         Err(_) => {
             Metrics::inc(&hub.metrics.connect_timeouts);
             tracing::debug!(%peer, "no CONNECT in time");
-            return;
+            return None;
         }
         Ok(Err(ReadError::Decode(e))) => {
             Metrics::inc(&hub.metrics.protocol_errors);
@@ -216,37 +296,30 @@ pub(crate) async fn serve(
                     (ProtocolVersion::V311, e.reason_code())
                 }
                 _ if level == Some(5) => (ProtocolVersion::V5, e.reason_code()),
-                _ => return,
+                _ => return None,
             };
             let ack = ConnAck {
                 session_present: false,
                 reason_code: code,
                 properties: Properties::new(),
             };
-            let _ = write_packet(&mut wr, version, &Packet::ConnAck(ack)).await;
-            return;
+            let _ = write_packet(&mut stream, version, &Packet::ConnAck(ack)).await;
+            return None;
         }
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => return None,
         Ok(Ok(Packet::Connect(c))) => c,
-        Ok(Ok(_)) => return, // the decoder accepts only CONNECT first
+        Ok(Ok(_)) => return None, // the decoder accepts only CONNECT first
     };
-    let mut conn = match Conn::accept(hub.clone(), connect, peer, &mut wr).await {
-        Some(c) => c,
-        None => return,
-    };
-    Metrics::inc(&hub.metrics.clients_connected);
-    let end = conn.run(&mut rd, &mut wr, rbuf, decoder, shutdown).await;
-    Metrics::dec(&hub.metrics.clients_connected);
-    // Counted here, once per connection, so that every way of ending with a protocol error
-    // (bad packet, state error, AUTH, bad topic alias, ...) shows in the metric.
-    if let End::ProtocolError(_) = end {
-        Metrics::inc(&hub.metrics.protocol_errors);
+    let conn = Conn::accept(hub, connect, peer, &mut stream).await?;
+    if rbuf.is_empty() {
+        // An idle connection holds no read buffer.
+        rbuf = BytesMut::new();
     }
-    conn.finish(end, &mut wr).await;
+    Some((conn, stream, rbuf, decoder))
 }
 
 async fn write_packet(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     version: ProtocolVersion,
     p: &Packet,
 ) -> std::io::Result<()> {
@@ -255,6 +328,48 @@ async fn write_packet(
         wr.write_all(&buf).await?;
     }
     Ok(())
+}
+
+/// The server's keep-alive timer: a client silent for 1.5 times its keep alive is closed
+/// ([MQTT-3.1.2-24] in 3.1.1, [MQTT-3.1.2-22] in 5.0). What `qosmos_mqtt::state::KeepAlive` does for a server, in 16 bytes
+/// instead of 80: every idle connection holds one.
+#[derive(Debug, Clone, Copy)]
+struct KeepAliveTimer {
+    /// When the last packet came, in milliseconds since the hub started (the `epoch` of every
+    /// method).
+    last_received_ms: u64,
+    /// 1.5 times the keep alive, in milliseconds; 0 when there is no keep alive.
+    grace_ms: u32,
+}
+
+impl KeepAliveTimer {
+    fn new(seconds: u16, epoch: Instant) -> KeepAliveTimer {
+        let mut timer = KeepAliveTimer {
+            last_received_ms: 0,
+            grace_ms: u32::from(seconds) * 1500,
+        };
+        timer.received(epoch);
+        timer
+    }
+
+    fn received(&mut self, epoch: Instant) {
+        self.last_received_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    }
+
+    /// When the client is to be closed if nothing comes before.
+    fn deadline(&self, epoch: Instant) -> Option<Instant> {
+        (self.grace_ms > 0).then(|| {
+            epoch
+                + Duration::from_millis(
+                    self.last_received_ms
+                        .saturating_add(u64::from(self.grace_ms)),
+                )
+        })
+    }
+
+    fn expired(&self, epoch: Instant) -> bool {
+        self.deadline(epoch).is_some_and(|d| Instant::now() >= d)
+    }
 }
 
 /// A connection past its CONNECT.
@@ -267,14 +382,17 @@ struct Conn {
     client_str: MqttStr,
     version: ProtocolVersion,
     encoder: Encoder,
-    waker: Arc<Notify>,
-    will: Option<LastWill>,
-    keep_alive: KeepAlive,
-    /// Topic aliases the client set (5.0), alias → topic.
-    aliases: HashMap<u16, MqttStr>,
+    waker: Arc<Wake>,
+    /// Boxed: most connections have none, and every idle one holds this field.
+    will: Option<Box<LastWill>>,
+    keep_alive: KeepAliveTimer,
+    /// Topic aliases the client set (5.0), alias → topic; allocated at the first one (an
+    /// empty `HashMap` is 48 bytes that every idle connection would hold).
+    aliases: SmallMap<u16, MqttStr>,
     /// Session expiry from CONNECT; 0 there forbids a non-zero value at DISCONNECT.
     connect_expiry: u32,
-    wbuf: BytesMut,
+    /// A `Vec` rather than a `BytesMut`: 8 bytes less held by every connection.
+    wbuf: Vec<u8>,
 }
 
 impl Conn {
@@ -284,7 +402,7 @@ impl Conn {
         hub: Arc<Hub>,
         c: Connect,
         peer: SocketAddr,
-        wr: &mut OwnedWriteHalf,
+        wr: &mut TcpStream,
     ) -> Option<Conn> {
         let v = c.protocol;
         let refuse = |code: ReasonCode| {
@@ -338,11 +456,11 @@ impl Conn {
         }
         let client_receive_maximum = c.properties.receive_maximum().unwrap_or(u16::MAX);
         let client_max_packet_size = c.properties.maximum_packet_size().unwrap_or(u32::MAX);
-        let waker = Arc::new(Notify::new());
+        let waker = Arc::new(Wake::default());
         let connection = Connection {
             id,
             waker: waker.clone(),
-            peer: peer.to_string(),
+            peer,
         };
 
         // Take the session over from another connection, or end it for a clean start; under
@@ -462,13 +580,14 @@ impl Conn {
         };
         let mut encoder = Encoder::new(v);
         encoder.max_packet_size = client_max_packet_size;
-        let mut wbuf = BytesMut::new();
+        let mut wbuf = Vec::new();
         if encoder.encode(&Packet::ConnAck(ack), &mut wbuf).is_err() {
             return None;
         }
         Metrics::inc(&hub.metrics.connections_total);
         tracing::debug!(client = %client_id, %peer, version = %v, session_present, "connected");
         Some(Conn {
+            keep_alive: KeepAliveTimer::new(keep_alive, hub.started),
             hub,
             id,
             session,
@@ -477,85 +596,91 @@ impl Conn {
             version: v,
             encoder,
             waker,
-            will: c.will,
-            keep_alive: KeepAlive::server(keep_alive, Instant::now()),
-            aliases: HashMap::new(),
+            will: c.will.map(Box::new),
+            aliases: SmallMap::default(),
             connect_expiry: expiry,
             wbuf,
         })
     }
 
-    async fn run(
+    /// Waits for the next event (what an idle connection does, and holds while it does).
+    fn wait<'a>(&'a self, io: &'a TcpStream, slot: &'a Slot) -> impl Future<Output = Event> + 'a {
+        self.waker
+            .set_deadline(self.keep_alive.deadline(self.hub.started), self.hub.started);
+        let waker = &self.waker;
+        std::future::poll_fn(move |cx| {
+            // Registered before the shutdown flag is read: the broker sets the flag, then wakes
+            // every connection.
+            let woken = waker.poll_woken(cx);
+            if slot.shutting_down() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if woken {
+                return Poll::Ready(Event::Woken);
+            }
+            match io.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
+                Poll::Ready(Err(_)) => Poll::Ready(Event::Lost),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    }
+
+    /// Handles one event: reads and handles what came, checks the keep alive, and writes
+    /// whatever is to be sent. `Some` ends the connection.
+    async fn step(
         &mut self,
-        rd: &mut OwnedReadHalf,
-        wr: &mut OwnedWriteHalf,
-        mut rbuf: BytesMut,
-        mut decoder: Decoder,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> End {
-        // Packets a client sent right behind its CONNECT, in the same read.
-        if !rbuf.is_empty() {
-            if let Some(end) = self.handle_read(&mut rbuf, &mut decoder).await {
-                let _ = self.flush(wr).await;
-                return end;
-            }
-        }
-        if rbuf.is_empty() {
-            rbuf = BytesMut::new();
-        }
-        loop {
-            if let Err(end) = self.flush(wr).await {
-                return end;
-            }
-            let deadline = self.keep_alive.poll_timeout();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    self.encode_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
-                    let _ = wr.write_all(&self.wbuf).await;
-                    return End::Shutdown;
-                }
-                r = rd.readable() => {
-                    if r.is_err() {
-                        return End::Lost;
+        event: Event,
+        io: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        decoder: &mut Decoder,
+    ) -> Option<End> {
+        let mut read = false;
+        match event {
+            // Packets a client sent right behind its CONNECT, in the same read.
+            Event::Start => read = !rbuf.is_empty(),
+            Event::Readable => {
+                // The read buffer exists only while there is something to read: an idle
+                // connection holds none.
+                rbuf.reserve(8192);
+                match io.try_read_buf(rbuf) {
+                    Ok(0) => return Some(End::Lost),
+                    Ok(_) => {
+                        read = true;
+                        self.keep_alive.received(self.hub.started);
                     }
-                    // The read buffer exists only while there is something to read: an idle
-                    // connection holds none (memory per idle connection is a measured goal).
-                    rbuf.reserve(8192);
-                    match rd.try_read_buf(&mut rbuf) {
-                        Ok(0) => return End::Lost,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(_) => return End::Lost,
-                    }
-                    self.keep_alive.handle_received(Instant::now());
-                    if let Some(end) = self.handle_read(&mut rbuf, &mut decoder).await {
-                        // The acknowledgements of what was handled before the end still go
-                        // out before any DISCONNECT (else the client would send them again).
-                        let _ = self.flush(wr).await;
-                        return end;
-                    }
-                    if rbuf.is_empty() {
-                        rbuf = BytesMut::new();
-                    }
-                }
-                _ = self.waker.notified() => {}
-                _ = sleep => {
-                    if self.keep_alive.handle_timeout(Instant::now()) == KeepAliveAction::Expired {
-                        Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
-                        tracing::info!(client = %self.client_id, "keep alive expired");
-                        self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
-                        let _ = wr.write_all(&self.wbuf).await;
-                        return End::KeepAlive;
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Some(End::Lost),
                 }
             }
+            Event::Lost => return Some(End::Lost),
+            Event::Woken => {
+                if self.keep_alive.expired(self.hub.started) {
+                    Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
+                    tracing::info!(client = %self.client_id, "keep alive expired");
+                    self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                    let _ = io.write_all(&self.wbuf).await;
+                    return Some(End::KeepAlive);
+                }
+            }
+            Event::Shutdown => {
+                self.encode_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
+                let _ = io.write_all(&self.wbuf).await;
+                return Some(End::Shutdown);
+            }
         }
+        if read {
+            if let Some(end) = self.handle_read(rbuf, decoder).await {
+                // The acknowledgements of what was handled before the end still go out before
+                // any DISCONNECT (else the client would send them again).
+                let _ = self.flush(io).await;
+                return Some(end);
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > 0 {
+            *rbuf = BytesMut::new();
+        }
+        self.flush(io).await.err()
     }
 
     /// Handles every packet of one read as one batch: each packet's state change and records
@@ -636,7 +761,7 @@ impl Conn {
 
     /// Moves pending output into the write buffer, makes durable what it promises (QoS 2
     /// PUBLISH: `Sent`; PUBREL: `Released`), and writes it. Errs with the connection's end.
-    async fn flush(&mut self, wr: &mut OwnedWriteHalf) -> Result<(), End> {
+    async fn flush(&mut self, wr: &mut TcpStream) -> Result<(), End> {
         let (owned, records) = self.collect_output();
         if let (Some(store), false) = (&self.hub.store, records.is_empty()) {
             if let Some(commit) = store.submit(records) {
@@ -651,7 +776,7 @@ impl Conn {
                 return Err(End::Lost);
             }
             // Released rather than cleared, so that an idle connection holds no write buffer.
-            self.wbuf = BytesMut::new();
+            self.wbuf = Vec::new();
         }
         if owned { Ok(()) } else { Err(End::TakenOver) }
     }
@@ -1077,7 +1202,7 @@ impl Conn {
 
     /// Detaches from the session (unless it was taken over), expires it as configured, and
     /// publishes the will when the connection did not end normally.
-    async fn finish(self, end: End, wr: &mut OwnedWriteHalf) {
+    async fn finish(self, end: End, wr: &mut TcpStream) {
         if end == End::TakenOver && self.version == ProtocolVersion::V5 {
             let _ = write_packet(
                 wr,
@@ -1152,6 +1277,42 @@ impl Conn {
                 }
                 schedule_will(hub.clone(), self.session.clone(), p, due);
             }
+        }
+    }
+}
+
+/// How often the keep-alive sweep runs: a silent client is closed between 1.5 times its keep
+/// alive and that plus this.
+const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
+
+/// Wakes the connections whose keep alive is due, every [`KEEP_ALIVE_SWEEP`]: one sweep for
+/// all of them instead of a timer held by every connection.
+pub(crate) async fn keep_alive_sweep(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(KEEP_ALIVE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_ms = u64::try_from(hub.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        for_each_connection(&hub, |c| {
+            if c.waker.due(now_ms) {
+                c.waker.notify_one();
+            }
+        });
+    }
+}
+
+/// Wakes every connection, so that each sees the shutdown flag set before.
+pub(crate) fn wake_all(hub: &Hub) {
+    for_each_connection(hub, |c| c.waker.notify_one());
+}
+
+/// Calls `f` on the connection of each session that has one. The session map's lock is not
+/// held while a session's is.
+fn for_each_connection(hub: &Hub, mut f: impl FnMut(&Connection)) {
+    let sessions: Vec<Arc<Session>> = hub.sessions().values().cloned().collect();
+    for s in sessions {
+        if let Some(c) = &s.lock().connection {
+            f(c);
         }
     }
 }
@@ -1241,5 +1402,38 @@ pub(crate) async fn refuse_busy(hub: Arc<Hub>, stream: TcpStream) {
             properties: Properties::new(),
         };
         let _ = write_packet(&mut wr, c.protocol, &Packet::ConnAck(ack)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection holds, in bytes, must not silently grow back (memory per idle
+    /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). The task's size is
+    /// that of the `serve` future; the bounds hold for debug builds, release ones are smaller.
+    #[tokio::test]
+    async fn idle_connection_state_stays_small() {
+        let hub = Arc::new(Hub::new(Limits::default(), None));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let permits = Arc::new(Semaphore::new(1));
+        let slot = Slot::take(&permits).expect("a free slot");
+        let task = serve(hub, stream, peer, slot);
+        let sizes = [
+            ("serve future", std::mem::size_of_val(&task), 288),
+            ("Conn", std::mem::size_of::<Conn>(), 152),
+            ("KeepAliveTimer", std::mem::size_of::<KeepAliveTimer>(), 16),
+            ("Wake", std::mem::size_of::<Wake>(), 48),
+            ("Connection", std::mem::size_of::<Connection>(), 48),
+            ("SessionState", std::mem::size_of::<SessionState>(), 312),
+        ];
+        for (what, size, bound) in sizes {
+            assert!(size <= bound, "{what} is {size} bytes, more than {bound}");
+        }
     }
 }

@@ -138,6 +138,7 @@ impl Broker {
                 }
             });
         }
+        background.spawn(crate::connection::keep_alive_sweep(hub.clone()));
         if let Some(every) = hub.limits.sys_interval {
             background.spawn(crate::sys::publish_loop(hub.clone(), every));
         }
@@ -152,15 +153,11 @@ impl Broker {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
-                        let stop = stop_rx.clone();
-                        match permits.clone().try_acquire_owned() {
-                            Ok(permit) => {
-                                connections.spawn(async move {
-                                    crate::connection::serve(hub, stream, peer, stop).await;
-                                    drop(permit);
-                                });
+                        match crate::connection::Slot::take(&permits) {
+                            Some(slot) => {
+                                connections.spawn(crate::connection::serve(hub, stream, peer, slot));
                             }
-                            Err(_) => {
+                            None => {
                                 Metrics::inc(&hub.metrics.connections_refused_limit);
                                 tracing::warn!(%peer, "connection limit reached: refusing");
                                 connections.spawn(crate::connection::refuse_busy(hub, stream));
@@ -177,6 +174,10 @@ impl Broker {
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
+        // A connection's shutdown signal is the connection limit's semaphore closing (a watch
+        // future polled by every idle connection would make each bigger): it sees it when woken.
+        permits.close();
+        crate::connection::wake_all(&hub);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while connections.join_next().await.is_some() {}
         })

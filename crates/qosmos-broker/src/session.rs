@@ -4,9 +4,12 @@
 use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
 use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
 use std::time::Instant;
-use tokio::sync::Notify;
 
 /// One subscription as the session keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,19 +50,116 @@ pub(crate) struct SessionState {
     /// When queued messages with a Message Expiry Interval expire, by their ticket in
     /// `outgoing`. Only messages that went to the pending queue are here; cleared whenever that
     /// queue is empty.
-    pub(crate) expiring: HashMap<Ticket, Instant>,
+    pub(crate) expiring: SmallMap<Ticket, Instant>,
     /// The durable message id of each delivery the store knows of (an `Enqueue` record), by
     /// its ticket in `outgoing`: names the message in `Sent`, `Released` and `Delivered`.
-    pub(crate) message_ids: HashMap<Ticket, u64>,
+    pub(crate) message_ids: SmallMap<Ticket, u64>,
+}
+
+/// A hash map that holds 8 bytes and allocates nothing until its first entry (an empty
+/// `HashMap` holds 48): every session has two, most never use them, and memory per idle
+/// connection is a measured goal (BENCHMARKS.md).
+#[derive(Debug)]
+#[allow(clippy::box_collection)] // the point: a pointer while empty
+pub(crate) struct SmallMap<K, V>(Option<Box<HashMap<K, V>>>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        SmallMap(None)
+    }
+}
+
+impl<K: Eq + Hash, V> SmallMap<K, V> {
+    pub(crate) fn insert(&mut self, k: K, v: V) -> Option<V> {
+        self.0.get_or_insert_with(Default::default).insert(k, v)
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<&V> {
+        self.0.as_ref()?.get(k)
+    }
+
+    pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
+        self.0.as_mut()?.remove(k)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|m| m.is_empty())
+    }
+
+    /// Empties the map and frees it.
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The link from a session to the connection task that serves it.
 #[derive(Debug, Clone)]
 pub(crate) struct Connection {
     pub(crate) id: u64,
-    /// Wakes the connection task: packets to send, or it was taken over.
-    pub(crate) waker: Arc<Notify>,
-    pub(crate) peer: String,
+    /// Wakes the connection task: packets to send, it was taken over, the broker is shutting
+    /// down, or its keep alive is due.
+    pub(crate) waker: Arc<Wake>,
+    /// Kept as an address, not a string: it is held by every connection.
+    pub(crate) peer: SocketAddr,
+}
+
+/// How a connection task is woken. Smaller than a `Notify` and its `Notified` future, and
+/// polled in place, so that an idle connection's task stays small (memory per idle
+/// connection is a measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline
+/// that the broker's keep-alive sweep checks instead of a timer per connection.
+#[derive(Debug)]
+pub(crate) struct Wake {
+    woken: AtomicBool,
+    /// Milliseconds since the hub started after which the keep alive is due (`u64::MAX`:
+    /// never).
+    deadline_ms: AtomicU64,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Wake {
+            woken: AtomicBool::new(false),
+            deadline_ms: AtomicU64::new(u64::MAX),
+            waker: Mutex::new(None),
+        }
+    }
+}
+
+impl Wake {
+    /// Wakes the task, or makes its next wait return at once (like `Notify::notify_one`).
+    pub(crate) fn notify_one(&self) {
+        self.woken.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = waker.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Registers the task to wake, then takes a pending wake-up: true when there was one.
+    pub(crate) fn poll_woken(&self, cx: &mut Context<'_>) -> bool {
+        {
+            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+        }
+        self.woken.swap(false, Ordering::AcqRel)
+    }
+
+    /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive).
+    pub(crate) fn set_deadline(&self, deadline: Option<Instant>, epoch: Instant) {
+        let ms = deadline.map_or(u64::MAX, |d| {
+            u64::try_from(d.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.deadline_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the keep-alive deadline is at or before `now_ms` (milliseconds since the epoch
+    /// of [`Wake::set_deadline`]).
+    pub(crate) fn due(&self, now_ms: u64) -> bool {
+        self.deadline_ms.load(Ordering::Relaxed) <= now_ms
+    }
 }
 
 impl Session {
@@ -110,7 +210,7 @@ impl SessionState {
         }
         let mut fresh = Outgoing::new(config);
         fresh.set_receive_maximum(self.outgoing.receive_maximum());
-        let mut message_ids = HashMap::new();
+        let mut message_ids = SmallMap::default();
         let mut dropped_ids = Vec::new();
         for e in self.outgoing.inflight() {
             // Packet identifiers in `inflight()` are unique, so this cannot fail.
@@ -125,7 +225,7 @@ impl SessionState {
             .pending()
             .map(|(t, p)| (t, p.clone()))
             .collect();
-        let mut expiring = HashMap::new();
+        let mut expiring = SmallMap::default();
         let mut dropped = 0;
         for (ticket, mut p) in pending {
             let deadline = self.expiring.get(&ticket).copied();

@@ -162,11 +162,19 @@ pub struct Incoming {
     version: ProtocolVersion,
     config: IncomingConfig,
     connected: bool,
-    exchanges: HashMap<PacketId, Exchange>,
     /// Exchanges with `seen` set.
     in_window: usize,
-    transmit: VecDeque<Packet>,
     stats: IncomingStats,
+    /// The exchanges and replies, allocated by the first QoS 1 or 2 message: a broker holds an
+    /// `Incoming` per session, and many sessions never publish.
+    q: Option<Box<Queues>>,
+}
+
+/// What an [`Incoming`] tracks and queues.
+#[derive(Debug, Clone, Default)]
+struct Queues {
+    exchanges: HashMap<PacketId, Exchange>,
+    transmit: VecDeque<Packet>,
 }
 
 impl Incoming {
@@ -176,11 +184,19 @@ impl Incoming {
             version,
             config,
             connected: false,
-            exchanges: HashMap::new(),
             in_window: 0,
-            transmit: VecDeque::new(),
             stats: IncomingStats::default(),
+            q: None,
         }
+    }
+
+    /// The queues, allocated if need be.
+    fn queues(&mut self) -> &mut Queues {
+        self.q.get_or_insert_with(Default::default)
+    }
+
+    fn exchange(&self, packet_id: PacketId) -> Option<&Exchange> {
+        self.q.as_deref()?.exchanges.get(&packet_id)
     }
 
     /// Handles a PUBLISH. Returns the message to hand to the application, or `None` when it is
@@ -211,11 +227,11 @@ impl Incoming {
             (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) => id,
             _ => return Err(StateError::PacketIdMismatch { qos }),
         };
-        let existing = self.exchanges.get(&packet_id).copied();
-        if let Some(ex) = existing
-            && ex.stage.qos() != qos
-        {
-            return Err(StateError::PacketIdInUse { packet_id, qos });
+        let existing = self.exchange(packet_id).copied();
+        if let Some(ex) = existing {
+            if ex.stage.qos() != qos {
+                return Err(StateError::PacketIdInUse { packet_id, qos });
+            }
         }
         if !existing.is_some_and(|ex| ex.seen)
             && self.in_window >= usize::from(self.config.receive_maximum)
@@ -279,7 +295,7 @@ impl Incoming {
         if let Some(Exchange {
             stage: Stage::ReleasedEarly,
             ..
-        }) = self.exchanges.get(&packet_id).copied()
+        }) = self.exchange(packet_id).copied()
         {
             // The peer counts the message delivered: a refusal can no longer be said.
             if !reason.is_success() {
@@ -297,7 +313,7 @@ impl Incoming {
         let Some(Exchange {
             stage: Stage::AwaitingAck(qos),
             seen,
-        }) = self.exchanges.get(&packet_id).copied()
+        }) = self.exchange(packet_id).copied()
         else {
             return Err(StateError::PacketIdNotFound {
                 packet: PacketType::Publish,
@@ -338,7 +354,7 @@ impl Incoming {
     /// (unless [`IncomingConfig::accept_early_pubrel`] is set and it awaits the application).
     pub fn handle_pubrel(&mut self, rel: &PubRel) -> Result<(), StateError> {
         let packet_id = rel.packet_id;
-        match self.exchanges.get(&packet_id).map(|ex| ex.stage) {
+        match self.exchange(packet_id).map(|ex| ex.stage) {
             Some(Stage::AwaitingPubRel) => {
                 self.close(packet_id);
                 self.send(Packet::PubComp(PubComp::new(packet_id)));
@@ -374,17 +390,19 @@ impl Incoming {
 
     /// The next packet to send, in order.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.transmit.pop_front()
+        self.q.as_deref_mut()?.transmit.pop_front()
     }
 
     /// The connection ended. Packets not yet drained are dropped: each is sent again when the
     /// peer resends what it answered.
     pub fn on_disconnect(&mut self) {
         self.connected = false;
-        self.transmit.clear();
         self.in_window = 0;
-        for ex in self.exchanges.values_mut() {
-            ex.seen = false;
+        if let Some(q) = self.q.as_deref_mut() {
+            q.transmit.clear();
+            for ex in q.exchanges.values_mut() {
+                ex.seen = false;
+            }
         }
     }
 
@@ -395,7 +413,9 @@ impl Incoming {
         self.on_disconnect();
         self.connected = true;
         if !session_present {
-            self.exchanges.clear();
+            if let Some(q) = self.q.as_deref_mut() {
+                q.exchanges.clear();
+            }
         }
     }
 
@@ -412,8 +432,10 @@ impl Incoming {
     /// The QoS 2 identifiers awaiting PUBREL, for a snapshot (unordered). Messages not yet
     /// acknowledged by the application are not part of it: unacknowledged, they will be resent.
     pub fn awaiting_pubrel(&self) -> impl Iterator<Item = PacketId> + '_ {
-        self.exchanges
-            .iter()
+        self.q
+            .as_deref()
+            .into_iter()
+            .flat_map(|q| q.exchanges.iter())
             .filter(|(_, ex)| ex.stage == Stage::AwaitingPubRel)
             .map(|(id, _)| *id)
     }
@@ -425,9 +447,9 @@ impl Incoming {
     ///
     /// [`StateError::PacketIdInUse`] when another exchange holds it.
     pub fn restore_awaiting_pubrel(&mut self, packet_id: PacketId) -> Result<(), StateError> {
-        match self.exchanges.get(&packet_id).map(|ex| ex.stage) {
+        match self.exchange(packet_id).map(|ex| ex.stage) {
             None => {
-                self.exchanges.insert(
+                self.queues().exchanges.insert(
                     packet_id,
                     Exchange {
                         stage: Stage::AwaitingPubRel,
@@ -446,7 +468,7 @@ impl Incoming {
 
     /// Number of open QoS 1 and 2 exchanges, from this connection and earlier ones.
     pub fn unacknowledged(&self) -> usize {
-        self.exchanges.len()
+        self.q.as_deref().map_or(0, |q| q.exchanges.len())
     }
 
     /// Number of exchanges counted against our Receive Maximum on this connection.
@@ -471,32 +493,45 @@ impl Incoming {
 
     /// Records a new exchange whose PUBLISH just arrived.
     fn open(&mut self, packet_id: PacketId, stage: Stage) {
-        self.exchanges
+        self.queues()
+            .exchanges
             .insert(packet_id, Exchange { stage, seen: true });
         self.in_window += 1;
     }
 
     fn mark_seen(&mut self, packet_id: PacketId) {
-        if let Some(ex) = self.exchanges.get_mut(&packet_id)
-            && !ex.seen
+        if let Some(ex) = self
+            .q
+            .as_deref_mut()
+            .and_then(|q| q.exchanges.get_mut(&packet_id))
         {
-            ex.seen = true;
-            self.in_window += 1;
+            if !ex.seen {
+                ex.seen = true;
+                self.in_window += 1;
+            }
         }
     }
 
     fn set_stage(&mut self, packet_id: PacketId, stage: Stage) {
-        if let Some(ex) = self.exchanges.get_mut(&packet_id) {
+        if let Some(ex) = self
+            .q
+            .as_deref_mut()
+            .and_then(|q| q.exchanges.get_mut(&packet_id))
+        {
             ex.stage = stage;
         }
     }
 
     /// Forgets an exchange: its PUBACK, PUBCOMP or failed PUBREC is being sent.
     fn close(&mut self, packet_id: PacketId) {
-        if let Some(ex) = self.exchanges.remove(&packet_id)
-            && ex.seen
+        if let Some(ex) = self
+            .q
+            .as_deref_mut()
+            .and_then(|q| q.exchanges.remove(&packet_id))
         {
-            self.in_window -= 1;
+            if ex.seen {
+                self.in_window -= 1;
+            }
         }
     }
 
@@ -514,7 +549,7 @@ impl Incoming {
 
     fn send(&mut self, packet: Packet) {
         if self.connected {
-            self.transmit.push_back(packet);
+            self.queues().transmit.push_back(packet);
         }
     }
 }

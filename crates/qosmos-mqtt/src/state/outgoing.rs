@@ -6,7 +6,7 @@ use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, PubRe
 use crate::properties::Properties;
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Names one message handed to [`Outgoing::publish`], from then until its completion.
 ///
@@ -263,18 +263,31 @@ pub struct Outgoing {
     /// Orders `entries`: the order in which exchanges entered the window.
     next_seq: u64,
     ids: PacketIds,
+    sent_count: usize,
+    pending_bytes: usize,
+    stats: OutgoingStats,
+    /// The queues, allocated by the first message or reservation: a broker holds an
+    /// `Outgoing` per session, and many sessions never send anything.
+    q: Option<Box<Queues>>,
+}
+
+/// What an [`Outgoing`] queues and tracks.
+#[derive(Debug, Clone, Default)]
+struct Queues {
     /// Inflight exchanges in the order their PUBLISH was first sent.
     entries: BTreeMap<u64, Entry>,
     by_id: HashMap<PacketId, u64>,
-    reserved: HashSet<PacketId>,
+    /// Identifiers taken with [`Outgoing::reserve_packet_id`].
+    reserved: BTreeSet<PacketId>,
     /// Inflight exchanges not yet resent on this connection because the window was full.
     parked: VecDeque<u64>,
-    sent_count: usize,
     pending: VecDeque<(Ticket, Publish)>,
-    pending_bytes: usize,
     transmit: VecDeque<Packet>,
-    stats: OutgoingStats,
 }
+
+/// What an `Outgoing` without queues reads.
+static NO_ENTRIES: BTreeMap<u64, Entry> = BTreeMap::new();
+static NO_PENDING: VecDeque<(Ticket, Publish)> = VecDeque::new();
 
 impl Default for Outgoing {
     fn default() -> Self {
@@ -292,16 +305,24 @@ impl Outgoing {
             next_ticket: 0,
             next_seq: 0,
             ids: PacketIds::new(),
-            entries: BTreeMap::new(),
-            by_id: HashMap::new(),
-            reserved: HashSet::new(),
-            parked: VecDeque::new(),
             sent_count: 0,
-            pending: VecDeque::new(),
             pending_bytes: 0,
-            transmit: VecDeque::new(),
             stats: OutgoingStats::default(),
+            q: None,
         }
+    }
+
+    /// The queues, allocated if need be.
+    fn queues(&mut self) -> &mut Queues {
+        self.q.get_or_insert_with(Default::default)
+    }
+
+    fn entries(&self) -> &BTreeMap<u64, Entry> {
+        self.q.as_deref().map_or(&NO_ENTRIES, |q| &q.entries)
+    }
+
+    fn pending_queue(&self) -> &VecDeque<(Ticket, Publish)> {
+        self.q.as_deref().map_or(&NO_PENDING, |q| &q.pending)
     }
 
     /// Sets the peer's Receive Maximum: the most QoS 1 and 2 exchanges in flight at once. Call it
@@ -337,15 +358,17 @@ impl Outgoing {
             let ticket = self.next_ticket();
             self.stats.published += 1;
             self.stats.publish_sent += 1;
-            self.transmit.push_back(Packet::Publish(msg));
+            self.queues().transmit.push_back(Packet::Publish(msg));
             return Ok(ticket);
         }
         let goes_now = self.connected
-            && self.pending.is_empty()
-            && self.parked.is_empty()
-            && self.entries.len() < usize::from(self.receive_maximum);
+            && self
+                .q
+                .as_deref()
+                .is_none_or(|q| q.pending.is_empty() && q.parked.is_empty())
+            && self.entries().len() < usize::from(self.receive_maximum);
         if !goes_now {
-            if self.pending.len() >= self.config.max_pending {
+            if self.pending_queue().len() >= self.config.max_pending {
                 return Err(QueueFull {
                     message: Box::new(msg),
                     limit: QueueLimit::Count(self.config.max_pending),
@@ -362,7 +385,7 @@ impl Outgoing {
         let ticket = self.next_ticket();
         self.stats.published += 1;
         self.pending_bytes += msg.payload.len();
-        self.pending.push_back((ticket, msg));
+        self.queues().pending.push_back((ticket, msg));
         self.refill();
         Ok(ticket)
     }
@@ -407,12 +430,14 @@ impl Outgoing {
                 false,
             )));
         }
-        if let Some(entry) = self.entries.get_mut(&seq) {
-            entry.stage = Inflight::AwaitingPubComp;
-            if entry.sent && self.connected {
-                self.stats.pubrel_sent += 1;
-                self.transmit
-                    .push_back(Packet::PubRel(PubRel::new(rec.packet_id)));
+        if let Some(q) = self.q.as_deref_mut() {
+            if let Some(entry) = q.entries.get_mut(&seq) {
+                entry.stage = Inflight::AwaitingPubComp;
+                if entry.sent && self.connected {
+                    self.stats.pubrel_sent += 1;
+                    q.transmit
+                        .push_back(Packet::PubRel(PubRel::new(rec.packet_id)));
+                }
             }
         }
         Ok(None)
@@ -433,18 +458,20 @@ impl Outgoing {
 
     /// The next packet to send, in order.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.transmit.pop_front()
+        self.q.as_deref_mut()?.transmit.pop_front()
     }
 
     /// The connection ended. Packets not yet drained are dropped; inflight exchanges and the
     /// pending queue are kept for [`Outgoing::resume`].
     pub fn on_disconnect(&mut self) {
         self.connected = false;
-        self.transmit.clear();
-        self.parked.clear();
         self.sent_count = 0;
-        for entry in self.entries.values_mut() {
-            entry.sent = false;
+        if let Some(q) = self.q.as_deref_mut() {
+            q.transmit.clear();
+            q.parked.clear();
+            for entry in q.entries.values_mut() {
+                entry.sent = false;
+            }
         }
     }
 
@@ -466,11 +493,19 @@ impl Outgoing {
         self.connected = true;
         let mut orphans = Vec::new();
         if session_present {
-            self.parked.extend(self.entries.keys().copied());
+            if let Some(q) = self.q.as_deref_mut() {
+                q.parked.extend(q.entries.keys().copied());
+            }
         } else {
-            self.by_id.clear();
+            let entries = match self.q.as_deref_mut() {
+                Some(q) => {
+                    q.by_id.clear();
+                    std::mem::take(&mut q.entries)
+                }
+                None => BTreeMap::new(),
+            };
             let mut requeue = Vec::new();
-            for entry in std::mem::take(&mut self.entries).into_values() {
+            for entry in entries.into_values() {
                 let ticket = entry.ticket;
                 self.stats.orphaned += 1;
                 match entry.stage {
@@ -496,7 +531,7 @@ impl Outgoing {
             }
             for (ticket, message) in requeue.into_iter().rev() {
                 self.pending_bytes += message.payload.len();
-                self.pending.push_front((ticket, message));
+                self.queues().pending.push_front((ticket, message));
             }
         }
         self.refill();
@@ -517,7 +552,11 @@ impl Outgoing {
         mut stage: Inflight,
     ) -> Result<Ticket, StateError> {
         let qos = stage.qos();
-        if self.by_id.contains_key(&packet_id) || self.reserved.contains(&packet_id) {
+        let in_use = self
+            .q
+            .as_deref()
+            .is_some_and(|q| q.by_id.contains_key(&packet_id) || q.reserved.contains(&packet_id));
+        if in_use {
             return Err(StateError::PacketIdInUse { packet_id, qos });
         }
         if let Inflight::AwaitingPubAck(p) | Inflight::AwaitingPubRec(p) = &mut stage {
@@ -527,7 +566,9 @@ impl Outgoing {
         }
         let ticket = self.next_ticket();
         let seq = self.next_seq();
-        self.entries.insert(
+        let connected = self.connected;
+        let q = self.queues();
+        q.entries.insert(
             seq,
             Entry {
                 ticket,
@@ -536,9 +577,9 @@ impl Outgoing {
                 sent: false,
             },
         );
-        self.by_id.insert(packet_id, seq);
-        if self.connected {
-            self.parked.push_back(seq);
+        q.by_id.insert(packet_id, seq);
+        if connected {
+            q.parked.push_back(seq);
             self.refill();
         }
         Ok(ticket)
@@ -546,7 +587,7 @@ impl Outgoing {
 
     /// The inflight exchanges in their original order, for a snapshot.
     pub fn inflight(&self) -> impl ExactSizeIterator<Item = InflightEntry<'_>> + '_ {
-        self.entries.values().map(|e| InflightEntry {
+        self.entries().values().map(|e| InflightEntry {
             ticket: e.ticket,
             packet_id: e.packet_id,
             stage: &e.stage,
@@ -572,24 +613,25 @@ impl Outgoing {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn ticket_of(&self, packet_id: PacketId) -> Option<Ticket> {
-        let seq = self.by_id.get(&packet_id)?;
-        self.entries.get(seq).map(|e| e.ticket)
+        let q = self.q.as_deref()?;
+        let seq = q.by_id.get(&packet_id)?;
+        q.entries.get(seq).map(|e| e.ticket)
     }
 
     /// The messages waiting for the inflight window, oldest first, for a snapshot (republish
     /// them with [`Outgoing::publish`] after restoring the inflight ones).
     pub fn pending(&self) -> impl ExactSizeIterator<Item = (Ticket, &Publish)> + '_ {
-        self.pending.iter().map(|(t, p)| (*t, p))
+        self.pending_queue().iter().map(|(t, p)| (*t, p))
     }
 
     /// Number of QoS 1 and 2 exchanges in flight.
     pub fn in_flight(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// Number of messages in the pending queue.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.pending_queue().len()
     }
 
     /// Payload bytes in the pending queue.
@@ -599,7 +641,9 @@ impl Outgoing {
 
     /// True when nothing is in flight, pending, or waiting to be drained.
     pub fn is_idle(&self) -> bool {
-        self.entries.is_empty() && self.pending.is_empty() && self.transmit.is_empty()
+        self.q
+            .as_deref()
+            .is_none_or(|q| q.entries.is_empty() && q.pending.is_empty() && q.transmit.is_empty())
     }
 
     /// Whether [`Outgoing::resume`] was called since the last [`Outgoing::on_disconnect`].
@@ -616,17 +660,21 @@ impl Outgoing {
     /// space with PUBLISH [MQTT-2.2.1-3]. It is never given to a PUBLISH until released. `None`
     /// when all 65535 are in use.
     pub fn reserve_packet_id(&mut self) -> Option<PacketId> {
+        let q = self.q.get_or_insert_with(Default::default);
         let id = self
             .ids
-            .allocate(|id| self.by_id.contains_key(&id) || self.reserved.contains(&id))?;
-        self.reserved.insert(id);
+            .allocate(|id| q.by_id.contains_key(&id) || q.reserved.contains(&id))?;
+        q.reserved.insert(id);
         Some(id)
     }
 
     /// Gives back an identifier from [`Outgoing::reserve_packet_id`] (on SUBACK / UNSUBACK).
     /// False if it was not reserved.
     pub fn release_packet_id(&mut self, packet_id: PacketId) -> bool {
-        let released = self.reserved.remove(&packet_id);
+        let released = self
+            .q
+            .as_deref_mut()
+            .is_some_and(|q| q.reserved.remove(&packet_id));
         if released {
             self.refill();
         }
@@ -651,10 +699,11 @@ impl Outgoing {
         packet: PacketType,
         ok: impl Fn(&Inflight) -> bool,
     ) -> Result<u64, StateError> {
-        let entry = self
-            .by_id
-            .get(&packet_id)
-            .and_then(|seq| self.entries.get(seq).map(|e| (*seq, e)));
+        let entry = self.q.as_deref().and_then(|q| {
+            q.by_id
+                .get(&packet_id)
+                .and_then(|seq| q.entries.get(seq).map(|e| (*seq, e)))
+        });
         match entry {
             None => Err(StateError::PacketIdNotFound { packet, packet_id }),
             Some((seq, e)) if ok(&e.stage) => Ok(seq),
@@ -673,9 +722,13 @@ impl Outgoing {
         properties: &Properties,
         accepted: bool,
     ) -> Completed {
-        let (ticket, packet_id, qos) = match self.entries.remove(&seq) {
+        let removed = self.q.as_deref_mut().and_then(|q| {
+            let entry = q.entries.remove(&seq)?;
+            q.by_id.remove(&entry.packet_id);
+            Some(entry)
+        });
+        let (ticket, packet_id, qos) = match removed {
             Some(entry) => {
-                self.by_id.remove(&entry.packet_id);
                 if entry.sent {
                     self.sent_count -= 1;
                 }
@@ -705,12 +758,15 @@ impl Outgoing {
         if !self.connected {
             return;
         }
+        let Some(q) = self.q.as_deref_mut() else {
+            return;
+        };
         let max = usize::from(self.receive_maximum);
         while self.sent_count < max {
-            let Some(seq) = self.parked.pop_front() else {
+            let Some(seq) = q.parked.pop_front() else {
                 break;
             };
-            let Some(entry) = self.entries.get_mut(&seq) else {
+            let Some(entry) = q.entries.get_mut(&seq) else {
                 continue;
             };
             if entry.sent {
@@ -723,38 +779,38 @@ impl Outgoing {
                     let mut p = p.clone();
                     p.dup = true;
                     self.stats.publish_resent += 1;
-                    self.transmit.push_back(Packet::Publish(p));
+                    q.transmit.push_back(Packet::Publish(p));
                 }
                 Inflight::AwaitingPubComp => {
                     self.stats.pubrel_sent += 1;
-                    self.transmit
+                    q.transmit
                         .push_back(Packet::PubRel(PubRel::new(entry.packet_id)));
                 }
             }
         }
-        if !self.parked.is_empty() {
+        if !q.parked.is_empty() {
             return;
         }
-        while let Some((_, front)) = self.pending.front() {
+        while let Some((_, front)) = q.pending.front() {
             if front.qos == QoS::AtMostOnce {
-                if let Some((_, msg)) = self.pending.pop_front() {
+                if let Some((_, msg)) = q.pending.pop_front() {
                     self.pending_bytes -= msg.payload.len();
                     self.stats.publish_sent += 1;
-                    self.transmit.push_back(Packet::Publish(msg));
+                    q.transmit.push_back(Packet::Publish(msg));
                 }
                 continue;
             }
-            if self.entries.len() >= max {
+            if q.entries.len() >= max {
                 break;
             }
-            let (by_id, reserved) = (&self.by_id, &self.reserved);
+            let (by_id, reserved) = (&q.by_id, &q.reserved);
             let Some(packet_id) = self
                 .ids
                 .allocate(|id| by_id.contains_key(&id) || reserved.contains(&id))
             else {
                 break;
             };
-            let Some((ticket, mut msg)) = self.pending.pop_front() else {
+            let Some((ticket, mut msg)) = q.pending.pop_front() else {
                 break;
             };
             self.pending_bytes -= msg.payload.len();
@@ -765,9 +821,10 @@ impl Outgoing {
                 Inflight::AwaitingPubRec(msg.clone())
             };
             self.stats.publish_sent += 1;
-            self.transmit.push_back(Packet::Publish(msg));
-            let seq = self.next_seq();
-            self.entries.insert(
+            q.transmit.push_back(Packet::Publish(msg));
+            self.next_seq += 1;
+            let seq = self.next_seq;
+            q.entries.insert(
                 seq,
                 Entry {
                     ticket,
@@ -776,7 +833,7 @@ impl Outgoing {
                     sent: true,
                 },
             );
-            self.by_id.insert(packet_id, seq);
+            q.by_id.insert(packet_id, seq);
             self.sent_count += 1;
         }
     }
