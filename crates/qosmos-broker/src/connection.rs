@@ -448,11 +448,11 @@ impl Conn {
         .min(limits.max_session_expiry);
         let mut keep_alive = c.keep_alive;
         let mut server_keep_alive = None;
-        if let (ProtocolVersion::V5, Some(max)) = (v, limits.max_keep_alive) {
-            if keep_alive == 0 || keep_alive > max {
-                keep_alive = max;
-                server_keep_alive = Some(max);
-            }
+        if let (ProtocolVersion::V5, Some(max)) = (v, limits.max_keep_alive)
+            && (keep_alive == 0 || keep_alive > max)
+        {
+            keep_alive = max;
+            server_keep_alive = Some(max);
         }
         let client_receive_maximum = c.properties.receive_maximum().unwrap_or(u16::MAX);
         let client_max_packet_size = c.properties.maximum_packet_size().unwrap_or(u32::MAX);
@@ -546,12 +546,12 @@ impl Conn {
             let commit = guard.as_mut().and_then(|g| g.submit(records));
             (session, session_present, commit)
         };
-        if let Some(commit) = commit {
-            if let Err(e) = commit.await {
-                tracing::error!(client = %client_id, error = %e, "the write-ahead log failed: refusing the connection");
-                let _ = write_packet(wr, v, &refuse(ReasonCode::SERVER_UNAVAILABLE)).await;
-                return None;
-            }
+        if let Some(commit) = commit
+            && let Err(e) = commit.await
+        {
+            tracing::error!(client = %client_id, error = %e, "the write-ahead log failed: refusing the connection");
+            let _ = write_packet(wr, v, &refuse(ReasonCode::SERVER_UNAVAILABLE)).await;
+            return None;
         }
 
         let mut props = Properties::new();
@@ -669,13 +669,11 @@ impl Conn {
                 return Some(End::Shutdown);
             }
         }
-        if read {
-            if let Some(end) = self.handle_read(rbuf, decoder).await {
-                // The acknowledgements of what was handled before the end still go out before
-                // any DISCONNECT (else the client would send them again).
-                let _ = self.flush(io).await;
-                return Some(end);
-            }
+        if read && let Some(end) = self.handle_read(rbuf, decoder).await {
+            // The acknowledgements of what was handled before the end still go out before
+            // any DISCONNECT (else the client would send them again).
+            let _ = self.flush(io).await;
+            return Some(end);
         }
         if rbuf.is_empty() && rbuf.capacity() > 0 {
             *rbuf = BytesMut::new();
@@ -723,12 +721,12 @@ impl Conn {
             };
             (end, commit)
         };
-        if let Some(commit) = commit {
-            if let Err(e) = commit.await {
-                tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
-                self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
-                return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
-            }
+        if let Some(commit) = commit
+            && let Err(e) = commit.await
+        {
+            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
+            self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
+            return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
         }
         for post in batch.post {
             self.run_post(post);
@@ -763,13 +761,12 @@ impl Conn {
     /// PUBLISH: `Sent`; PUBREL: `Released`), and writes it. Errs with the connection's end.
     async fn flush(&mut self, wr: &mut TcpStream) -> Result<(), End> {
         let (owned, records) = self.collect_output();
-        if let (Some(store), false) = (&self.hub.store, records.is_empty()) {
-            if let Some(commit) = store.submit(records) {
-                if let Err(e) = commit.await {
-                    tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection");
-                    return Err(End::Lost);
-                }
-            }
+        if let (Some(store), false) = (&self.hub.store, records.is_empty())
+            && let Some(commit) = store.submit(records)
+            && let Err(e) = commit.await
+        {
+            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection");
+            return Err(End::Lost);
         }
         if !self.wbuf.is_empty() {
             if wr.write_all(&self.wbuf).await.is_err() {
@@ -828,10 +825,10 @@ impl Conn {
                     });
                 }
             }
-            if let Packet::Publish(pb) = &p {
-                if !pb.dup {
-                    Metrics::inc(&self.hub.metrics.messages_sent);
-                }
+            if let Packet::Publish(pb) = &p
+                && !pb.dup
+            {
+                Metrics::inc(&self.hub.metrics.messages_sent);
             }
             self.encode(&p);
         }
@@ -1036,14 +1033,14 @@ impl Conn {
             }
             return None;
         }
-        if let (QoS::ExactlyOnce, Some(id)) = (qos, packet_id) {
-            if self.durable(guard.as_deref()) {
-                // Remembered durably before PUBREC: a resend after a crash is not a new message.
-                batch.records.push(Record::AwaitingRelease {
-                    client_id: self.client_str.clone(),
-                    packet_id: id,
-                });
-            }
+        if let (QoS::ExactlyOnce, Some(id)) = (qos, packet_id)
+            && self.durable(guard.as_deref())
+        {
+            // Remembered durably before PUBREC: a resend after a crash is not a new message.
+            batch.records.push(Record::AwaitingRelease {
+                client_id: self.client_str.clone(),
+                packet_id: id,
+            });
         }
         let routed = self
             .hub

@@ -214,10 +214,10 @@ impl SessionState {
         let mut dropped_ids = Vec::new();
         for e in self.outgoing.inflight() {
             // Packet identifiers in `inflight()` are unique, so this cannot fail.
-            if let Ok(t) = fresh.restore_inflight(e.packet_id, e.stage.clone()) {
-                if let Some(id) = self.message_ids.get(&e.ticket) {
-                    message_ids.insert(t, *id);
-                }
+            if let Ok(t) = fresh.restore_inflight(e.packet_id, e.stage.clone())
+                && let Some(id) = self.message_ids.get(&e.ticket)
+            {
+                message_ids.insert(t, *id);
             }
         }
         let pending: Vec<(Ticket, Publish)> = self

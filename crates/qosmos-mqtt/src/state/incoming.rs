@@ -228,10 +228,10 @@ impl Incoming {
             _ => return Err(StateError::PacketIdMismatch { qos }),
         };
         let existing = self.exchange(packet_id).copied();
-        if let Some(ex) = existing {
-            if ex.stage.qos() != qos {
-                return Err(StateError::PacketIdInUse { packet_id, qos });
-            }
+        if let Some(ex) = existing
+            && ex.stage.qos() != qos
+        {
+            return Err(StateError::PacketIdInUse { packet_id, qos });
         }
         if !existing.is_some_and(|ex| ex.seen)
             && self.in_window >= usize::from(self.config.receive_maximum)
@@ -412,10 +412,8 @@ impl Incoming {
     pub fn resume(&mut self, session_present: bool) {
         self.on_disconnect();
         self.connected = true;
-        if !session_present {
-            if let Some(q) = self.q.as_deref_mut() {
-                q.exchanges.clear();
-            }
+        if !session_present && let Some(q) = self.q.as_deref_mut() {
+            q.exchanges.clear();
         }
     }
 
@@ -504,11 +502,10 @@ impl Incoming {
             .q
             .as_deref_mut()
             .and_then(|q| q.exchanges.get_mut(&packet_id))
+            && !ex.seen
         {
-            if !ex.seen {
-                ex.seen = true;
-                self.in_window += 1;
-            }
+            ex.seen = true;
+            self.in_window += 1;
         }
     }
 
@@ -528,10 +525,9 @@ impl Incoming {
             .q
             .as_deref_mut()
             .and_then(|q| q.exchanges.remove(&packet_id))
+            && ex.seen
         {
-            if ex.seen {
-                self.in_window -= 1;
-            }
+            self.in_window -= 1;
         }
     }
 

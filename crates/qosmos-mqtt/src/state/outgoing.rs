@@ -430,14 +430,14 @@ impl Outgoing {
                 false,
             )));
         }
-        if let Some(q) = self.q.as_deref_mut() {
-            if let Some(entry) = q.entries.get_mut(&seq) {
-                entry.stage = Inflight::AwaitingPubComp;
-                if entry.sent && self.connected {
-                    self.stats.pubrel_sent += 1;
-                    q.transmit
-                        .push_back(Packet::PubRel(PubRel::new(rec.packet_id)));
-                }
+        if let Some(q) = self.q.as_deref_mut()
+            && let Some(entry) = q.entries.get_mut(&seq)
+        {
+            entry.stage = Inflight::AwaitingPubComp;
+            if entry.sent && self.connected {
+                self.stats.pubrel_sent += 1;
+                q.transmit
+                    .push_back(Packet::PubRel(PubRel::new(rec.packet_id)));
             }
         }
         Ok(None)
