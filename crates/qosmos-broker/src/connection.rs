@@ -18,7 +18,7 @@ use qosmos_mqtt::{
 };
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -887,6 +887,16 @@ impl Conn {
         }
     }
 
+    /// The session's state while this connection owns it; `None` once another connection
+    /// took the session over. What the old connection still had unread must not touch the
+    /// session the new one drives: a PUBREC applied after the new connection resent that
+    /// PUBLISH would send PUBREL before the client's PUBREC. Those packets are dropped, as
+    /// if they had been lost with the connection; the client resends after reconnecting.
+    fn owned_session(&self) -> Option<MutexGuard<'_, SessionState>> {
+        let st = self.session.lock();
+        (st.connection.as_ref().map(|c| c.id) == Some(self.id)).then_some(st)
+    }
+
     /// Handles one packet; `Some` ends the connection.
     fn handle(
         &mut self,
@@ -894,15 +904,27 @@ impl Conn {
         guard: Option<&mut StoreGuard<'_>>,
         batch: &mut Batch,
     ) -> Option<End> {
+        if self.owned_session().is_none() {
+            return Some(End::TakenOver);
+        }
+        // Acknowledgements check again under the lock that applies them.
         match p {
             Packet::Publish(p) => return self.handle_publish(p, guard, batch),
             Packet::PubAck(a) => {
-                let r = self.session.lock().outgoing.handle_puback(&a);
+                let Some(mut st) = self.owned_session() else {
+                    return Some(End::TakenOver);
+                };
+                let r = st.outgoing.handle_puback(&a);
+                drop(st);
                 let r = r.map(|c| self.completed(batch, c.ticket));
                 return self.state_result(batch, r);
             }
             Packet::PubRec(r) => {
-                let res = self.session.lock().outgoing.handle_pubrec(&r);
+                let Some(mut st) = self.owned_session() else {
+                    return Some(End::TakenOver);
+                };
+                let res = st.outgoing.handle_pubrec(&r);
+                drop(st);
                 if let Err(StateError::PacketIdNotFound { .. }) = res {
                     let mut rel = PubRel::new(r.packet_id);
                     rel.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
@@ -920,7 +942,11 @@ impl Conn {
                 // The PUBCOMP waits in `incoming` until the batch's records are durable: were
                 // it sent before `ReleaseDone`, a crash would make the client's next message
                 // with this packet id look like a resend, and it would be lost.
-                let res = self.session.lock().incoming.handle_pubrel(&r);
+                let Some(mut st) = self.owned_session() else {
+                    return Some(End::TakenOver);
+                };
+                let res = st.incoming.handle_pubrel(&r);
+                drop(st);
                 if res.is_ok() && self.durable(guard.as_deref()) {
                     batch.records.push(Record::ReleaseDone {
                         client_id: self.client_str.clone(),
@@ -930,7 +956,11 @@ impl Conn {
                 return self.state_result(batch, res);
             }
             Packet::PubComp(c) => {
-                let r = self.session.lock().outgoing.handle_pubcomp(&c);
+                let Some(mut st) = self.owned_session() else {
+                    return Some(End::TakenOver);
+                };
+                let r = st.outgoing.handle_pubcomp(&c);
+                drop(st);
                 let r = r.map(|c| self.completed(batch, c.ticket));
                 return self.state_result(batch, r);
             }

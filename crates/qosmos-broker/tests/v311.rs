@@ -609,3 +609,90 @@ async fn queue_limit_drops_and_counts() {
     let got: Vec<String> = received(&r).into_iter().map(|(_, p, _)| p).collect();
     assert_eq!(got, ["0", "1", "2"]);
 }
+
+/// A session taken over while its old connection still had a PUBREC unread: the new
+/// connection must never get PUBREL for a message it was resent and has not acknowledged.
+/// (Seen with store agents SIGKILLed and restarted at once: the broker applied the dead
+/// connection's PUBREC after resending the PUBLISH on the new one, and sent PUBREL before
+/// the client's PUBREC.) A race, so it is run many times; each round ends the exchange. It
+/// is a guard of the outcome: on this machine it did not catch the bug reliably without the
+/// fix (`Conn::owned_session`), whose window is the old connection's read waiting for a lock
+/// the takeover holds.
+#[tokio::test]
+async fn a_taken_over_connections_unread_acks_do_not_reach_the_new_one() {
+    takeover_race(&TestBroker::start(limits()).await).await;
+}
+
+/// The same with a durable broker, where the old connection's read can wait for the store
+/// lock that the takeover holds.
+#[tokio::test]
+async fn a_taken_over_connections_unread_acks_do_not_reach_the_new_one_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBroker::start_durable("127.0.0.1:0".parse().unwrap(), dir.path(), limits()).await;
+    takeover_race(&b).await;
+}
+
+async fn takeover_race(b: &TestBroker) {
+    use qosmos_mqtt::PubRel;
+    let (mut publisher, _) =
+        RawClient::connect(b.addr, RawClient::connect_packet(V, "race-pub", true)).await;
+    let (mut first, _) =
+        RawClient::connect(b.addr, RawClient::connect_packet(V, "race-sub", false)).await;
+    first.send(&subscribe("race/t", QoS::ExactlyOnce)).await;
+    assert!(matches!(first.expect().await, Packet::SubAck(_)));
+    for round in 1..=150u16 {
+        // One QoS 2 message to the subscriber.
+        let mut p = qosmos_mqtt::Publish::new("race/t", format!("m{round}"));
+        p.qos = QoS::ExactlyOnce;
+        p.packet_id = Some(round.try_into().unwrap());
+        publisher.send(&Packet::Publish(p)).await;
+        assert!(matches!(publisher.expect().await, Packet::PubRec(_)));
+        publisher
+            .send(&Packet::PubRel(PubRel::new(round.try_into().unwrap())))
+            .await;
+        assert!(matches!(publisher.expect().await, Packet::PubComp(_)));
+        let Packet::Publish(got) = first.expect().await else {
+            panic!("round {round}: expected the PUBLISH");
+        };
+        let id = got.packet_id.unwrap();
+        // Its PUBREC and a takeover, at once.
+        let mut second = RawClient::open(b.addr, V).await;
+        let connect = Packet::Connect(RawClient::connect_packet(V, "race-sub", false));
+        // The takeover first, the PUBREC a varying moment later, to land in the window
+        // between the new connection's resend and the old one's last read.
+        second.send(&connect).await;
+        let spin = Instant::now() + Duration::from_micros(u64::from(round % 30) * 20);
+        while Instant::now() < spin {
+            tokio::task::yield_now().await;
+        }
+        first.send(&Packet::PubRec(PubRec::new(id))).await;
+        assert!(matches!(second.expect().await, Packet::ConnAck(_)));
+        // Either the broker applied the PUBREC before the takeover (then PUBREL is owed and
+        // sent), or it did not (then the PUBLISH is resent and PUBREL must wait for ours).
+        match second.expect().await {
+            Packet::PubRel(r) => assert_eq!(r.packet_id, id),
+            Packet::Publish(again) => {
+                assert!(again.dup, "round {round}: resend without DUP");
+                assert_eq!(again.packet_id, Some(id));
+                // A PINGRESP proves what the broker sent before it; a PUBREL for `id` now
+                // would be the bug.
+                second.send(&Packet::PingReq).await;
+                match second.expect().await {
+                    Packet::PingResp => {}
+                    Packet::PubRel(_) => panic!("round {round}: PUBREL before our PUBREC"),
+                    other => panic!("round {round}: unexpected {other:?}"),
+                }
+                second.send(&Packet::PubRec(PubRec::new(id))).await;
+                match second.expect().await {
+                    Packet::PubRel(r) => assert_eq!(r.packet_id, id),
+                    other => panic!("round {round}: expected PUBREL, got {other:?}"),
+                }
+            }
+            other => panic!("round {round}: unexpected {other:?}"),
+        }
+        second.send(&Packet::PubComp(PubComp::new(id))).await;
+        // The old connection is closed by the takeover.
+        first.expect_closed().await;
+        first = second;
+    }
+}
