@@ -11,15 +11,14 @@
 mod support;
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{free_port, qosmos, temp_dir};
+use support::{free_port, qosmos, temp_dir, try_http};
 
 const START: Duration = Duration::from_secs(30);
 /// How long the page may take to show one thing.
@@ -41,35 +40,6 @@ fn find_chromium() -> Option<PathBuf> {
         }
     }
     None
-}
-
-/// One HTTP/1.1 request over a fresh connection: the status and the body.
-fn try_http(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP head in {text:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, body.to_owned()))
 }
 
 /// A child process killed on drop.
@@ -109,7 +79,7 @@ fn start_serve_on(dir: &Path, http: u16, mqtt: u16) -> Guard {
         .expect("spawn serve");
     let guard = Guard(child);
     let start = Instant::now();
-    while !matches!(try_http(http, "GET", "/healthz", None), Ok((200, _))) {
+    while !matches!(try_http(http, "GET", "/healthz", None, None), Ok((200, _))) {
         assert!(
             start.elapsed() < START,
             "serve not ready in {START:?}; log:\n{}",
@@ -396,7 +366,7 @@ fn dashboard_is_live_in_a_real_browser() {
     // An order for a store whose agent is not running yet: its row appears, not accepted.
     let body =
         json!({"store_id": "store-1", "items": [{"sku": "latte", "qty": 2}], "note": "oat milk"});
-    let (code, answer) = try_http(http, "POST", "/api/orders", Some(&body)).expect("POST");
+    let (code, answer) = try_http(http, "POST", "/api/orders", Some(&body), None).expect("POST");
     assert_eq!(code, 201, "{answer}");
     let id = serde_json::from_str::<Value>(&answer).expect("JSON")["id"]
         .as_str()
@@ -476,7 +446,7 @@ fn dashboard_is_live_in_a_real_browser() {
         "the connection back",
         "document.getElementById('conn').dataset.state === 'live'",
     );
-    let (code, answer) = try_http(http, "POST", "/api/orders", Some(&body)).expect("POST");
+    let (code, answer) = try_http(http, "POST", "/api/orders", Some(&body), None).expect("POST");
     assert_eq!(code, 201, "{answer}");
     let id2 = serde_json::from_str::<Value>(&answer).expect("JSON")["id"]
         .as_str()

@@ -403,6 +403,15 @@ fn an_incompatible_data_directory_is_refused_with_exit_2_and_one_line() {
     header.extend_from_slice(&99u32.to_le_bytes());
     header.extend_from_slice(&1u64.to_le_bytes());
     std::fs::write(data.join("wal.log"), &header).unwrap();
+    broker_refuses(&data, 2, "format version 99");
+    // The directory is left as it was.
+    assert_eq!(std::fs::read(data.join("wal.log")).unwrap(), header);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `qosmos broker --data-dir data` and asserts that it exits with `code` and one line
+/// of stderr that contains `says`.
+fn broker_refuses(data: &Path, code: i32, says: &str) {
     let mut cmd = qosmos();
     cmd.args([
         "broker",
@@ -410,16 +419,13 @@ fn an_incompatible_data_directory_is_refused_with_exit_2_and_one_line() {
         &format!("127.0.0.1:{}", free_port()),
         "--data-dir",
     ])
-    .arg(&data);
+    .arg(data);
     let out = wait_with_deadline_cmd(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].contains("format version 99"), "{stderr}");
-    // The directory is left as it was.
-    assert_eq!(std::fs::read(data.join("wal.log")).unwrap(), header);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lines[0].contains(says), "{stderr}");
 }
 
 fn wait_with_deadline_cmd(mut cmd: Command) -> std::process::Output {
@@ -440,20 +446,7 @@ fn a_data_directory_in_use_is_refused_and_freed_by_sigkill() {
     let dir = temp_dir("durable-locked");
     let data = dir.join("data");
     let first = BrokerProcess::start(free_port(), &data, &dir.join("first.log"));
-    let mut cmd = qosmos();
-    cmd.args([
-        "broker",
-        "--mqtt",
-        &format!("127.0.0.1:{}", free_port()),
-        "--data-dir",
-    ])
-    .arg(&data);
-    let out = wait_with_deadline_cmd(cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].contains("in use by another qosmos"), "{stderr}");
+    broker_refuses(&data, 1, "in use by another qosmos");
     first.kill();
     let second = BrokerProcess::start(free_port(), &data, &dir.join("second.log"));
     second.kill();

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{free_port, qosmos, run_with_deadline, temp_dir, wait_for_port};
+use support::{free_port, qosmos, run_with_deadline, temp_dir, try_http, wait_for_port};
 
 const START: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(120);
@@ -31,40 +31,6 @@ fn http(
 ) -> (u16, String) {
     try_http(port, method, path, body, key)
         .unwrap_or_else(|e| panic!("{method} {path} on port {port}: {e}"))
-}
-
-fn try_http(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    key: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(k) = key {
-        req.push_str(&format!("Idempotency-Key: {k}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(&body);
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP head in {text:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, body.to_owned()))
 }
 
 fn json_of(body: &str) -> Value {
