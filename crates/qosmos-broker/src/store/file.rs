@@ -32,14 +32,7 @@ pub const LOCK_FILE: &str = "LOCK";
 
 /// Appends one framed record to `buf`.
 pub(crate) fn put_frame(buf: &mut Vec<u8>, payload: &[u8]) -> Result<(), StoreError> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|&l| l as usize <= MAX_RECORD_LEN)
-        .ok_or(StoreError::RecordTooLarge {
-            len: payload.len(),
-            max: MAX_RECORD_LEN,
-        })?;
-    let len = len.to_le_bytes();
+    let len = frame_len(payload)?;
     buf.extend_from_slice(&len);
     buf.extend_from_slice(&frame_crc(len, payload).to_le_bytes());
     buf.extend_from_slice(payload);
@@ -54,17 +47,22 @@ pub(crate) fn frame_in_place(frame: &mut [u8]) -> Result<(), StoreError> {
             reason: "a frame without room for its header".into(),
         });
     };
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|&l| l as usize <= MAX_RECORD_LEN)
-        .ok_or(StoreError::RecordTooLarge {
-            len: payload.len(),
-            max: MAX_RECORD_LEN,
-        })?;
-    let len = len.to_le_bytes();
+    let len = frame_len(payload)?;
     head[..4].copy_from_slice(&len);
     head[4..].copy_from_slice(&frame_crc(len, payload).to_le_bytes());
     Ok(())
+}
+
+/// A frame's length field, refusing a payload over [`MAX_RECORD_LEN`].
+fn frame_len(payload: &[u8]) -> Result<[u8; 4], StoreError> {
+    u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_RECORD_LEN)
+        .map(u32::to_le_bytes)
+        .ok_or(StoreError::RecordTooLarge {
+            len: payload.len(),
+            max: MAX_RECORD_LEN,
+        })
 }
 
 pub(crate) fn frame_crc(len: [u8; 4], payload: &[u8]) -> u32 {
