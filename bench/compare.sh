@@ -5,7 +5,8 @@
 #
 # Usage: bench/compare.sh [--quick] [--only mosquitto|qosmos] [--nodelay] [--out DIR] [--no-build]
 #                         [--bin PATH] [--idle-only]
-#        bench/compare.sh --durable [--quick] [--out DIR] [--no-build]
+#        bench/compare.sh --durable [--quick] [--out DIR] [--no-build] [--bin PATH]
+#                         [--brokers "B ..."] [--shapes "S ..."] [--qos "Q ..."]
 #
 #   --quick      QoS 0/1/2 x {fan-in, fan-in-5k, fan-out, pairs, steady} at 64 B only, 1/5 of
 #                the messages, 2,000 idle connections instead of 10,000.
@@ -20,6 +21,9 @@
 #   --durable    durability instead: QoS 1 and 2 with persistent sessions (--session-expiry)
 #                against qosmos in memory, qosmos --data-dir with --fsync always|batch|never,
 #                and Mosquitto with persistence true; msgs/s and the ratio to in-memory.
+#   --brokers, --shapes, --qos   with --durable, run only these (space-separated) brokers
+#                (qosmos qosmos-always qosmos-batch qosmos-never mosquitto-persist), shapes
+#                (fan-in pairs steady) and QoS levels (1 2), e.g. for a before/after run.
 #
 # Every broker is started fresh for every scenario, on a free loopback port, so each peak
 # memory figure belongs to one scenario. Mosquitto runs with its defaults except
@@ -37,6 +41,9 @@ DURABLE=0
 MOSQUITTO_EXTRA=""
 BIN=""
 IDLE_ONLY=0
+SEL_BROKERS=""
+SEL_SHAPES=""
+SEL_QOS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -63,8 +70,20 @@ while [ $# -gt 0 ]; do
         --idle-only) IDLE_ONLY=1 ;;
         --nodelay) MOSQUITTO_EXTRA="set_tcp_nodelay true" ;;
         --durable) DURABLE=1 ;;
+        --brokers)
+            SEL_BROKERS="${2:-}"
+            shift
+            ;;
+        --shapes)
+            SEL_SHAPES="${2:-}"
+            shift
+            ;;
+        --qos)
+            SEL_QOS="${2:-}"
+            shift
+            ;;
         -h | --help)
-            sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -229,6 +248,9 @@ if [ "$DURABLE" = 1 ]; then
     PAYLOADS="64"
     SHAPES="fan-in pairs steady"
     BENCH_EXTRA="--session-expiry 3600"
+    [ -z "$SEL_BROKERS" ] || BROKERS="$SEL_BROKERS"
+    [ -z "$SEL_SHAPES" ] || SHAPES="$SEL_SHAPES"
+    [ -z "$SEL_QOS" ] || QOSES="$SEL_QOS"
 fi
 
 RESULTS="$OUT/results.tsv"

@@ -684,32 +684,65 @@ impl Conn {
     /// Handles every packet of one read as one batch: each packet's state change and records
     /// under the store lock, one append for them all, and once it is durable the replies and
     /// deliveries in packet order. `Some` ends the connection.
+    ///
+    /// The packets are decoded before the lock is taken, and a read of nothing but
+    /// acknowledgements of deliveries (PUBACK, PUBREC, PUBCOMP) and PINGREQ is handled without
+    /// it: those change only this session's outgoing state, under the session's own lock
+    /// (which is also what a takeover takes), and their only records are `Delivered`, which
+    /// follow in the log what they acknowledge anyway (the message's records were durable
+    /// before it was delivered, its `Sent`/`Released` before the packet went out). The lock
+    /// is then taken only to hand those records over.
     async fn handle_read(&mut self, rbuf: &mut BytesMut, decoder: &mut Decoder) -> Option<End> {
         let mut batch = Batch::default();
         let hub = self.hub.clone();
-        let (end, commit) = {
-            let mut guard = hub.store.as_ref().map(|s| s.lock());
-            let mut end = None;
-            loop {
-                match decoder.decode(rbuf) {
-                    Ok(Some(p)) => {
-                        if let Some(e) = self.handle(p, guard.as_mut(), &mut batch) {
-                            end = Some(e);
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
-                        self.send_disconnect(&mut batch, e.reason_code());
-                        end = Some(End::ProtocolError(e.reason_code()));
-                        break;
-                    }
+        let mut packets = Vec::new();
+        let mut bad = None;
+        loop {
+            match decoder.decode(rbuf) {
+                Ok(Some(p)) => packets.push(p),
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
                 }
+            }
+        }
+        let needs_lock = hub.store.is_some()
+            && !packets.iter().all(|p| {
+                matches!(
+                    p,
+                    Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingReq
+                )
+            });
+        let (end, commit) = {
+            let mut guard = if needs_lock {
+                hub.store.as_ref().map(|s| s.lock())
+            } else {
+                None
+            };
+            let mut end = None;
+            for p in packets {
+                if let Some(e) = self.handle(p, guard.as_mut(), &mut batch) {
+                    end = Some(e);
+                    break;
+                }
+            }
+            if end.is_none()
+                && let Some(e) = bad
+            {
+                tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
+                self.send_disconnect(&mut batch, e.reason_code());
+                end = Some(End::ProtocolError(e.reason_code()));
             }
             let must_wait = !batch.records.is_empty();
             let mut records = std::mem::take(&mut batch.records);
             records.append(&mut batch.lazy);
+            if guard.is_none()
+                && !records.is_empty()
+                && let Some(store) = &hub.store
+            {
+                guard = Some(store.lock());
+            }
             // Only records whose loss costs a resend (`Delivered`): they ride with a later append.
             let commit = match guard.as_mut() {
                 Some(g) if must_wait => g.submit(records),

@@ -8,6 +8,13 @@
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
 //! (`Delivered`) go through [`StoreGuard::submit_lazy`]: applied to the mirror at once, handed to
 //! the log with the next append or after at most 2 ms, never awaited.
+//!
+//! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
+//! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the
+//! session's lock (which a takeover also takes), and yield only `Delivered` records, which
+//! come after what they acknowledge in the log whatever the interleaving (the message was
+//! durable before it was delivered); a read of nothing else is handled without the lock,
+//! which is taken only to submit those records (see `Conn::handle_read`).
 
 use crate::connection::{new_session_state, schedule_expiry, schedule_will};
 use crate::hub::Hub;
