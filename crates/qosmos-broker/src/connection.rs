@@ -8,9 +8,7 @@ use crate::metrics::Metrics;
 use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
 use bytes::BytesMut;
-use qosmos_mqtt::state::{
-    AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError, Ticket,
-};
+use qosmos_mqtt::state::{AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError};
 use qosmos_mqtt::{
     ConnAck, Connect, DecodeError, Decoder, Disconnect, Encoder, LastWill, MqttStr, Packet,
     PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
@@ -192,8 +190,10 @@ enum Event {
     Readable,
     /// The socket failed.
     Lost,
-    /// Its [`Wake`]: packets to send, taken over, or the keep alive is due.
-    Woken,
+    /// Its [`Wake`]: packets to send, taken over, or the keep alive is due; `readable` when
+    /// the socket is readable too (a connection woken for every delivery must still read its
+    /// client's PINGREQs and acknowledgements).
+    Woken { readable: bool },
     /// The broker is shutting down.
     Shutdown,
 }
@@ -616,7 +616,8 @@ impl Conn {
                 return Poll::Ready(Event::Shutdown);
             }
             if woken {
-                return Poll::Ready(Event::Woken);
+                let readable = io.poll_read_ready(cx).is_ready();
+                return Poll::Ready(Event::Woken { readable });
             }
             match io.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
@@ -636,25 +637,14 @@ impl Conn {
         decoder: &mut Decoder,
     ) -> Option<End> {
         let mut read = false;
+        let mut readable = false;
         match event {
             // Packets a client sent right behind its CONNECT, in the same read.
             Event::Start => read = !rbuf.is_empty(),
-            Event::Readable => {
-                // The read buffer exists only while there is something to read: an idle
-                // connection holds none.
-                rbuf.reserve(8192);
-                match io.try_read_buf(rbuf) {
-                    Ok(0) => return Some(End::Lost),
-                    Ok(_) => {
-                        read = true;
-                        self.keep_alive.received(self.hub.started);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Some(End::Lost),
-                }
-            }
+            Event::Readable => readable = true,
             Event::Lost => return Some(End::Lost),
-            Event::Woken => {
+            Event::Woken { readable: r } => {
+                readable = r;
                 if self.keep_alive.expired(self.hub.started) {
                     Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
                     tracing::info!(client = %self.client_id, "keep alive expired");
@@ -667,6 +657,20 @@ impl Conn {
                 self.encode_disconnect(ReasonCode::SERVER_SHUTTING_DOWN);
                 let _ = io.write_all(&self.wbuf).await;
                 return Some(End::Shutdown);
+            }
+        }
+        if readable {
+            // The read buffer exists only while there is something to read: an idle
+            // connection holds none.
+            rbuf.reserve(8192);
+            match io.try_read_buf(rbuf) {
+                Ok(0) => return Some(End::Lost),
+                Ok(_) => {
+                    read = true;
+                    self.keep_alive.received(self.hub.started);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Some(End::Lost),
             }
         }
         if read && let Some(end) = self.handle_read(rbuf, decoder).await {
@@ -910,8 +914,9 @@ impl Conn {
     }
 
     /// The `Delivered` record for a completed outgoing exchange, if the store knows it.
-    fn completed(&mut self, batch: &mut Batch, ticket: Ticket) {
-        let id = self.session.lock().message_ids.remove(&ticket);
+    /// `id` is taken from the session's `message_ids` under the same lock that applied the
+    /// acknowledgement: between two locks a takeover could renumber the tickets.
+    fn completed(&self, batch: &mut Batch, id: Option<u64>) {
         if let Some(message_id) = id {
             batch.lazy.push(Record::Delivered {
                 client_id: self.client_str.clone(),
@@ -947,16 +952,22 @@ impl Conn {
                 let Some(mut st) = self.owned_session() else {
                     return Some(End::TakenOver);
                 };
-                let r = st.outgoing.handle_puback(&a);
+                let r = st
+                    .outgoing
+                    .handle_puback(&a)
+                    .map(|c| st.message_ids.remove(&c.ticket));
                 drop(st);
-                let r = r.map(|c| self.completed(batch, c.ticket));
+                let r = r.map(|id| self.completed(batch, id));
                 return self.state_result(batch, r);
             }
             Packet::PubRec(r) => {
                 let Some(mut st) = self.owned_session() else {
                     return Some(End::TakenOver);
                 };
-                let res = st.outgoing.handle_pubrec(&r);
+                let res = st
+                    .outgoing
+                    .handle_pubrec(&r)
+                    .map(|c| c.and_then(|c| st.message_ids.remove(&c.ticket)));
                 drop(st);
                 if let Err(StateError::PacketIdNotFound { .. }) = res {
                     let mut rel = PubRel::new(r.packet_id);
@@ -964,11 +975,7 @@ impl Conn {
                     batch.post.push(Post::Send(Packet::PubRel(rel)));
                     return None;
                 }
-                let res = res.map(|c| {
-                    if let Some(c) = c {
-                        self.completed(batch, c.ticket);
-                    }
-                });
+                let res = res.map(|id| self.completed(batch, id));
                 return self.state_result(batch, res);
             }
             Packet::PubRel(r) => {
@@ -992,9 +999,12 @@ impl Conn {
                 let Some(mut st) = self.owned_session() else {
                     return Some(End::TakenOver);
                 };
-                let r = st.outgoing.handle_pubcomp(&c);
+                let r = st
+                    .outgoing
+                    .handle_pubcomp(&c)
+                    .map(|c| st.message_ids.remove(&c.ticket));
                 drop(st);
-                let r = r.map(|c| self.completed(batch, c.ticket));
+                let r = r.map(|id| self.completed(batch, id));
                 return self.state_result(batch, r);
             }
             Packet::Subscribe(s) => self.handle_subscribe(s, guard, batch),
