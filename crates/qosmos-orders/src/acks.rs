@@ -26,6 +26,11 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::dispatch::{StoreDirectory, StorePresence};
 use crate::metrics::OrderMetrics;
 use crate::model::{Ack, StoreId};
+
+/// The most acks handled at once by one [`AckConsumer`]: far more than one commit needs to
+/// be well filled, and a bound on what a broker that ignores our Receive Maximum (or a 3.1.1
+/// connection, which cannot announce one) can make us hold.
+pub const MAX_OPEN_ACKS: usize = 1024;
 use crate::store::{OrderStore, Transition, TransitionError};
 
 /// The ack topic filter: plain under MQTT 3.1.1, shared under MQTT 5.
@@ -63,14 +68,24 @@ impl AckConsumer {
     /// returns at once, so the client goes on reading the next ack. The task keeps the
     /// message, and with it the acknowledgement to the broker (PUBREC), until
     /// [`AckConsumer::handle`] has the ack committed; the order store's writer commits all
-    /// the acks waiting in one transaction. How many acks are open at once is bounded by
-    /// the client's Receive Maximum.
+    /// the acks waiting in one transaction. At most [`MAX_OPEN_ACKS`] are open at once (and
+    /// no more than the client's Receive Maximum under MQTT 5, which 3.1.1 cannot announce);
+    /// past that the route waits, and so the client stops reading.
     pub fn route(&self, client: &Client) {
         let me = self.clone();
+        let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_ACKS));
         client.route("acks/+", move |msg| {
             let me = me.clone();
-            tokio::spawn(async move { me.handle(msg).await });
-            std::future::ready(())
+            let open = open.clone();
+            async move {
+                let Ok(permit) = open.acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    me.handle(msg).await;
+                    drop(permit);
+                });
+            }
         });
     }
 

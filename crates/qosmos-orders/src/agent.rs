@@ -368,7 +368,20 @@ impl Flusher {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("journal-flusher".into())
-            .spawn(move || flush_loop(&journal, &rx))?;
+            .spawn(move || {
+                // Any way out of the loop but the agent's end (a panic included) would leave
+                // every later order held unacknowledged, silently: end the process instead;
+                // the broker delivers what was not acknowledged again after a restart.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    flush_loop(&journal, &rx);
+                }));
+                if outcome.is_err() {
+                    eprintln!(
+                        "qosmos: the journal flusher failed; exiting so that nothing is held"
+                    );
+                    std::process::exit(1);
+                }
+            })?;
         Ok(Flusher { tx })
     }
 
