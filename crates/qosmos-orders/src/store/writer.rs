@@ -249,8 +249,6 @@ fn run(
         }
         let mut close = None;
         let result = apply(&mut conn, &mut batch, &mut answers, &mut close, ids);
-        // Requests not reached (BEGIN failed) are answered by dropping their senders.
-        batch.clear();
         stats
             .requests
             .fetch_add(answers.len() as u64, Ordering::Relaxed);
@@ -302,7 +300,8 @@ fn feed(feeds: &Feeds, answers: &[Pending]) {
 }
 
 /// Applies `batch` in one transaction; `answers` gets one entry per request. `true` when
-/// a transaction was committed.
+/// a transaction was committed. On an error every request still gets its entry (answered
+/// with the error by the caller) and a `Close` in the batch is still taken.
 fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
@@ -311,40 +310,64 @@ fn apply(
     ids: &IdGenerator,
 ) -> Result<bool, StoreError> {
     let writes = batch.iter().filter(|r| r.is_write()).count();
-    if writes > 0 {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-    }
-    for req in batch.drain(..) {
+    let mut reqs = batch.drain(..);
+    let result = (|| {
+        if writes > 0 {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+        }
+        for req in reqs.by_ref() {
+            match req {
+                Request::Create { new, key, reply } => {
+                    let r = item(conn, |c| create(c, ids, &new, key.as_ref()))?;
+                    answers.push(Pending::Create(reply, r));
+                }
+                Request::Dispatched { id, reply } => {
+                    let r = item(conn, |c| mark_dispatched(c, &id))?;
+                    answers.push(Pending::Transition(reply, r));
+                }
+                Request::Ack {
+                    id,
+                    from,
+                    outcome,
+                    reason,
+                    reply,
+                } => {
+                    let r = item(conn, |c| {
+                        record_ack(c, &id, from.as_ref(), outcome, reason.as_deref())
+                    })?;
+                    answers.push(Pending::Transition(reply, r));
+                }
+                #[cfg(test)]
+                Request::With(f) => f(conn),
+                Request::Close(done) => *close = Some(done),
+            }
+        }
+        if writes > 0 {
+            conn.execute_batch("COMMIT")?;
+        }
+        Ok(writes > 0)
+    })();
+    // Not reached because of an error: listed so that they are answered with it.
+    for req in reqs {
         match req {
-            Request::Create { new, key, reply } => {
-                let r = item(conn, |c| create(c, ids, &new, key.as_ref()))?;
-                answers.push(Pending::Create(reply, r));
+            Request::Create { reply, .. } => {
+                answers.push(Pending::Create(
+                    reply,
+                    Err(CreateError::Store(StoreError::Closed)),
+                ));
             }
-            Request::Dispatched { id, reply } => {
-                let r = item(conn, |c| mark_dispatched(c, &id))?;
-                answers.push(Pending::Transition(reply, r));
-            }
-            Request::Ack {
-                id,
-                from,
-                outcome,
-                reason,
-                reply,
-            } => {
-                let r = item(conn, |c| {
-                    record_ack(c, &id, from.as_ref(), outcome, reason.as_deref())
-                })?;
-                answers.push(Pending::Transition(reply, r));
+            Request::Dispatched { reply, .. } | Request::Ack { reply, .. } => {
+                answers.push(Pending::Transition(
+                    reply,
+                    Err(TransitionError::Store(StoreError::Closed)),
+                ));
             }
             #[cfg(test)]
-            Request::With(f) => f(conn),
+            Request::With(_) => {}
             Request::Close(done) => *close = Some(done),
         }
     }
-    if writes > 0 {
-        conn.execute_batch("COMMIT")?;
-    }
-    Ok(writes > 0)
+    result
 }
 
 /// Runs one request inside a savepoint: rolled back alone when it fails. The outer error
