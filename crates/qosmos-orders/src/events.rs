@@ -207,8 +207,9 @@ impl EventHub {
         }
     }
 
-    /// Ends every open stream (and refuses none: a stream opened later runs), so that a
-    /// graceful HTTP shutdown does not wait for dashboards to go away.
+    /// Ends every open stream, so that a graceful HTTP shutdown does not wait for dashboards
+    /// to go away. A stream opened later sends its first events (`hello`, `stores`) and
+    /// ends; the browser retries and finds the service gone or restarted.
     pub fn close(&self) {
         let _ = self.inner.closed.send(true);
     }
