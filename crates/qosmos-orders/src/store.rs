@@ -709,12 +709,18 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn durability_settings_apply_to_every_connection() {
+    /// A store in a fresh temporary directory (removed when the first value drops).
+    async fn temp_store() -> (tempfile::TempDir, OrderStore) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = OrderStore::open(dir.path().join("o.db"))
             .await
             .expect("open");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn durability_settings_apply_to_every_connection() {
+        let (_dir, store) = temp_store().await;
         // Hold several connections at once so that not only the first is checked.
         let mut conns = Vec::new();
         for _ in 0..3 {
@@ -809,10 +815,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_writes_share_one_commit_and_all_land() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         let n = 200;
         let gate = hold(&store).await;
         let before = store.write_stats();
@@ -888,10 +891,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_key_twice_in_one_batch_stores_one_order() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         let key = IdempotencyKey::parse("k-1").expect("key");
         let gate = hold(&store).await;
         let before = store.write_stats();
@@ -929,10 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_item_is_rolled_back_alone() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         // A database error in the middle of an item, after its first insert: the history
         // insert of store "bad"'s orders is refused.
         let (done, installed) = oneshot::channel();
@@ -1029,10 +1026,7 @@ mod tests {
 
     #[tokio::test]
     async fn created_orders_feed_gets_each_stored_order_once() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         let overflow = Arc::new(tokio::sync::Notify::new());
         let mut feed = store.created_orders(1, overflow.clone());
         let key = IdempotencyKey::parse("k").expect("key");
@@ -1057,10 +1051,7 @@ mod tests {
 
     #[tokio::test]
     async fn changes_feed_lists_every_status_change_in_order() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         assert_eq!(store.last_change_seq().await.expect("seq"), 0);
         let new = NewOrder::from_json(br#"{"store_id":"s1","items":[{"sku":"a","qty":1}]}"#)
             .expect("valid");
@@ -1096,10 +1087,7 @@ mod tests {
 
     #[tokio::test]
     async fn redispatch_waits_double_each_time() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = OrderStore::open(dir.path().join("o.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = temp_store().await;
         let new = NewOrder::from_json(br#"{"store_id":"s","items":[{"sku":"a","qty":1}]}"#)
             .expect("valid");
         let id = store
