@@ -806,6 +806,17 @@ mod tests {
         .expect("requests queued in time");
     }
 
+    /// Stores one order for `store_id`; its id.
+    async fn create_one(store: &OrderStore, store_id: &str) -> OrderId {
+        store
+            .create(&body(store_id, "a"), None)
+            .await
+            .expect("create")
+            .order
+            .order
+            .id
+    }
+
     fn body(store: &str, sku: &str) -> NewOrder {
         NewOrder::from_json(
             format!(r#"{{"store_id":"{store}","items":[{{"sku":"{sku}","qty":1}}]}}"#).as_bytes(),
@@ -1053,15 +1064,7 @@ mod tests {
     async fn changes_feed_lists_every_status_change_in_order() {
         let (_dir, store) = temp_store().await;
         assert_eq!(store.last_change_seq().await.expect("seq"), 0);
-        let new = NewOrder::from_json(br#"{"store_id":"s1","items":[{"sku":"a","qty":1}]}"#)
-            .expect("valid");
-        let id = store
-            .create(&new, None)
-            .await
-            .expect("create")
-            .order
-            .order
-            .id;
+        let id = create_one(&store, "s1").await;
         store.mark_dispatched(&id).await.expect("dispatched");
         let all = store.changes_since(0, 100).await.expect("feed");
         let statuses: Vec<Status> = all.iter().map(|c| c.status).collect();
@@ -1088,15 +1091,7 @@ mod tests {
     #[tokio::test]
     async fn redispatch_waits_double_each_time() {
         let (_dir, store) = temp_store().await;
-        let new = NewOrder::from_json(br#"{"store_id":"s","items":[{"sku":"a","qty":1}]}"#)
-            .expect("valid");
-        let id = store
-            .create(&new, None)
-            .await
-            .expect("create")
-            .order
-            .order
-            .id;
+        let id = create_one(&store, "s").await;
         let timeout = Duration::from_secs(10);
         let due_at = |secs: u64| {
             let store = store.clone();
