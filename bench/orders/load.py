@@ -25,6 +25,12 @@ What it measures (all wall-clock, one machine, one clock):
                 recorded the store's ack (server)
   * latency   = acked - send, per order: POST + store + MQTT both ways + ack recorded
   * orders/s  = acknowledged orders / (last acked - first send)
+  * late      = send - the order's slot in the open-loop schedule (t0 + i/R): how late the
+                generator sent it (every connection busy, or its own event loop behind)
+  * sched     = acked - slot: the latency counted from the slot instead of the send, so a
+                stall that holds every connection is counted for the orders it delayed
+                (no "coordinated omission"); equal to latency when nothing is late
+  * gen_cpu   = CPU seconds (user + system) used by the generator's worker processes
   * post_rtt  = time.time() when the 201 is read - send (client)
   * server    = accepted.at - received.at from the history (server only)
   * lost      = orders answered 201 but not acknowledged by the deadline (and, with
@@ -40,6 +46,7 @@ import asyncio
 import glob
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from datetime import datetime
@@ -121,6 +128,7 @@ async def worker_main(a, wid, t0):
     for c in conns:
         await c.open()
     rec = {}  # index -> [send, rtt_end, code, id]
+    cpu0 = os.times()
     it = iter(mine)
     deadline = t0 + a.timeout
 
@@ -184,17 +192,22 @@ async def worker_main(a, wid, t0):
     for i in mine:
         s, e, code, oid = rec[i]
         o = final.get(i)
-        recv_at = acc_at = None
+        recv_at = acc_at = disp_at = None
         status = None
         if o is not None:
             status = o["status"]
             for h in o.get("history", []):
                 if h["status"] == "received" and recv_at is None:
                     recv_at = parse_ts(h["at"])
+                if h["status"] == "dispatched" and disp_at is None:
+                    disp_at = parse_ts(h["at"])
                 if h["status"] == status:
                     acc_at = parse_ts(h["at"])
-        out.append((i, s, e, code, oid, status, recv_at, acc_at, (o or {}).get("acks")))
-    return out, posts_done
+        slot = t0 + i / a.rate if a.rate > 0 else s
+        out.append((i, s, e, code, oid, status, recv_at, acc_at, (o or {}).get("acks"), slot, disp_at))
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return out, posts_done, cpu
 
 
 def worker(a, wid, t0, q):
@@ -224,6 +237,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=120, help="seconds for the whole run")
     ap.add_argument("--store-out", default="", help="glob of store agents' stdout files")
     ap.add_argument("--label", default="")
+    ap.add_argument("--dump", default="", help="write one JSON line per order (times) to this file")
     a = ap.parse_args()
 
     t0 = time.time() + 0.5
@@ -231,13 +245,14 @@ def main():
     ps = [mp.Process(target=worker, args=(a, w, t0, q), daemon=True) for w in range(a.procs)]
     for p in ps:
         p.start()
-    rows, posts_done = [], 0
+    rows, posts_done, gen_cpu = [], 0, 0.0
     for _ in ps:
         wid, res = q.get(timeout=a.timeout + 60)
         if isinstance(res, Exception):
             raise SystemExit("worker %d failed: %r" % (wid, res))
         rows += res[0]
         posts_done = max(posts_done, res[1])
+        gen_cpu += res[2]
     for p in ps:
         p.join(5)
 
@@ -249,6 +264,14 @@ def main():
     lat = [(r[7] - r[1]) * 1000 for r in acked]
     rtt = [(r[2] - r[1]) * 1000 for r in created]
     srv = [(r[7] - r[6]) * 1000 for r in acked if r[6] is not None]
+    late = [(r[1] - r[9]) * 1000 for r in rows]
+    sched = [(r[7] - r[9]) * 1000 for r in acked]
+    if a.dump:
+        with open(a.dump, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps({"id": r[4], "slot": r[9], "send": r[1], "rtt_end": r[2],
+                                     "code": r[3], "received": r[6], "dispatched": r[10],
+                                     "acked": r[7]}) + "\n")
     span = last_ack - first_send
     post_span = max(r[2] for r in rows) - first_send
     lost_ids = {r[4] for r in created if r[7] is None}
@@ -289,14 +312,23 @@ def main():
         "post_rtt_p99_ms": round(pct(rtt, 99), 2) if rtt else None,
         "server_p50_ms": round(pct(srv, 50), 2) if srv else None,
         "server_p99_ms": round(pct(srv, 99), 2) if srv else None,
+        "late_p50_ms": round(pct(late, 50), 2) if late else None,
+        "late_p99_ms": round(pct(late, 99), 2) if late else None,
+        "late_max_ms": round(max(late), 2) if late else None,
+        "sched_p50_ms": round(pct(sched, 50), 2) if sched else None,
+        "sched_p99_ms": round(pct(sched, 99), 2) if sched else None,
+        "gen_cpu_s": round(gen_cpu, 2),
         "seconds": round(span, 3),
     }
     print(
         "%s: %d/%d acked, lost %d, dup %s, %.1f orders/s (POSTs at %.1f/s), latency p50 %s ms p99 %s ms"
-        " (POST rtt p50 %s p99 %s; server received->accepted p50 %s p99 %s)"
+        " (POST rtt p50 %s p99 %s; server received->accepted p50 %s p99 %s;"
+        " sends late p50 %s p99 %s max %s ms, from the schedule p50 %s p99 %s; generator %.2f CPU-s)"
         % (a.label, len(acked), a.orders, res["lost"], dup, res["orders_per_sec"] or 0,
            res["post_rate"] or 0, res["p50_ms"], res["p99_ms"], res["post_rtt_p50_ms"],
-           res["post_rtt_p99_ms"], res["server_p50_ms"], res["server_p99_ms"]),
+           res["post_rtt_p99_ms"], res["server_p50_ms"], res["server_p99_ms"],
+           res["late_p50_ms"], res["late_p99_ms"], res["late_max_ms"], res["sched_p50_ms"],
+           res["sched_p99_ms"], gen_cpu),
         file=sys.stderr,
     )
     print(json.dumps(res))

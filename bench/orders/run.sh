@@ -3,7 +3,7 @@
 # next to `qosmos serve` + `qosmos store`, same load generator, same machine.
 #
 # Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
-#                            [--baseline BIN]
+#                            [--baseline BIN] [--stages] [--rates LIST]
 #
 #   --quick     fewer orders (about a minute in all instead of several)
 #   --only S    run one stack only
@@ -15,6 +15,10 @@
 #   --no-build  use target/release/qosmos as it is
 #   --baseline BIN  also run the qosmos scenarios with another build of qosmos (e.g. one
 #               from before a change), labelled qosmos-baseline/*, in the same run
+#   --stages    log every order's stages in the qosmos runs (RUST_LOG=info,
+#               qosmos_orders::stage=debug) and write, per scenario, stages.txt: where
+#               the time went, step by step (stages.py); the logging costs some CPU
+#   --rates L   only these scenarios, e.g. "r1000" or "max r1000" (default: max r100 r1000)
 #
 # Every scenario starts its stack fresh (new database, new broker) on free loopback
 # ports and stops it afterwards; each process also runs under `timeout`, so nothing
@@ -35,6 +39,8 @@ OUT=""
 BUILD=1
 TMPFS=0
 BASELINE=""
+STAGES=0
+RATES="max r100 r1000"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -44,7 +50,9 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --tmpfs) TMPFS=1 ;;
         --baseline) BASELINE="${2:-}"; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --stages) STAGES=1 ;;
+        --rates) RATES="${2:-}"; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -159,13 +167,15 @@ start_qosmos() { # DIR [BIN]
     data="$DATA_ROOT/${dir#"$OUT"/}"
     mkdir -p "$data"
     mport=$(free_port); hport=$(free_port)
-    timeout $MAXLIFE "$bin" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
+    local log=info
+    [ "$STAGES" = 1 ] && log="info,qosmos_orders::stage=debug"
+    RUST_LOG=$log timeout $MAXLIFE "$bin" serve --http 127.0.0.1:$hport --mqtt 127.0.0.1:$mport \
         --data-dir "$data/serve" > "$dir/serve.log" 2>&1 &
     PIDS+=($!)
     wait_http "http://127.0.0.1:$hport/healthz" 20
     local s
     for s in $(seq 0 $((STORES - 1))); do
-        timeout $MAXLIFE "$bin" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
+        RUST_LOG=$log timeout $MAXLIFE "$bin" store --store-id store-$s --broker mqtt://127.0.0.1:$mport \
             --data-dir "$data/store-$s" > "$dir/store-$s.out" 2> "$dir/store-$s.err" &
         PIDS+=($!)
     done
@@ -176,6 +186,7 @@ start_qosmos() { # DIR [BIN]
 # scenario STACK LABEL ORDERS RATE
 scenario() {
     local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s
+    case " $RATES " in *" ${label#*/} "*) ;; *) return 0 ;; esac
     dir="$OUT/$label"
     mkdir -p "$dir"
     case "$stack" in
@@ -187,8 +198,15 @@ scenario() {
     echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
     timeout $((timeout_s + 60)) "$PY" "$HERE/load.py" --url "$URL" --orders "$n" --stores $STORES \
         --rate "$rate" --conns 8 --procs 2 --timeout $timeout_s \
-        --store-out "$dir/store-*.out" --label "$label" >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true
+        --store-out "$dir/store-*.out" --label "$label" --dump "$dir/orders.jsonl" \
+        >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true
     stop_all
+    if [ "$STAGES" = 1 ] && [ -f "$dir/serve.log" ]; then
+        "$PY" "$HERE/stages.py" "$dir/orders.jsonl" "$dir/serve.log" "$dir"/store-*.err \
+            > "$dir/stages.txt" 2>&1 || true
+        echo "-- $label: where the time went" >&2
+        cat "$dir/stages.txt" >&2
+    fi
 }
 
 if [ "$ONLY" != qosmos ]; then

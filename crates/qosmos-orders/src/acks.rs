@@ -148,6 +148,7 @@ impl AckConsumer {
             }
         };
         self.presence.saw(&store_id);
+        tracing::debug!(target: crate::STAGE_TARGET, order_id = %ack.order_id, stage = "ack_in");
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=6 {
             match self
@@ -156,6 +157,7 @@ impl AckConsumer {
                 .await
             {
                 Ok(Transition::Moved { to, .. }) => {
+                    tracing::debug!(target: crate::STAGE_TARGET, order_id = %ack.order_id, stage = "ack_committed");
                     OrderMetrics::inc(&m.acks_recorded_total);
                     tracing::info!(order_id = %ack.order_id, store_id = %store_id, status = %to, "order acknowledged");
                     return;

@@ -202,6 +202,7 @@ impl Handler {
             return Some(msg);
         };
         let order = me.parse(&msg)?;
+        tracing::debug!(target: crate::STAGE_TARGET, order_id = %order.id, stage = "order_in");
         let (reply, done) = oneshot::channel();
         flusher.send(order.clone(), reply);
         let me = me.clone();
@@ -212,6 +213,7 @@ impl Handler {
                 std::mem::forget(msg);
                 return;
             };
+            tracing::debug!(target: crate::STAGE_TARGET, order_id = %order.id, stage = "synced");
             me.ack(&order, status, reason).await;
             drop(msg);
         });
@@ -337,7 +339,10 @@ impl Handler {
                 .set_correlation_data(Bytes::copy_from_slice(order.id.as_str().as_bytes()));
         }
         match self.client.publish(p).await {
-            Ok(_) => tracing::debug!(order_id = %order.id, ?status, "ack delivered (PUBCOMP)"),
+            Ok(_) => {
+                tracing::debug!(target: crate::STAGE_TARGET, order_id = %order.id, stage = "ack_pubcomp");
+                tracing::debug!(order_id = %order.id, ?status, "ack delivered (PUBCOMP)");
+            }
             // The service dispatches the order again after its ack timeout; the journal
             // then sends this same ack again.
             Err(e) => tracing::warn!(order_id = %order.id, error = %e, "publishing the ack failed"),

@@ -244,12 +244,14 @@ impl Job {
         let m = &self.metrics;
         m.dispatch_inflight.fetch_add(1, Ordering::Relaxed);
         let id = self.order.id.clone();
+        tracing::debug!(target: crate::STAGE_TARGET, order_id = %id, stage = "publish");
         let result = self
             .client
             .publish(order_publish(&self.order, self.mqtt5))
             .await;
         match result {
             Ok(_) => {
+                tracing::debug!(target: crate::STAGE_TARGET, order_id = %id, stage = "pubcomp");
                 OrderMetrics::inc(&m.dispatched_total);
                 match self.store.mark_dispatched(&id).await {
                     Ok(Transition::Moved { .. }) => {

@@ -99,6 +99,17 @@
 //!   per client. The agent's journal is never compacted.
 //! - **Benchmark** against the seed's Flask-MQTT stack: not written yet.
 
+/// The `tracing` target of the per-order stage events (`DEBUG`, off by default): one event
+/// per step of an order's way, each with `order_id` and `stage`, so that the time between
+/// steps can be measured from the logs of `qosmos serve` and `qosmos store`
+/// (`RUST_LOG=info,qosmos_orders::stage=debug`; `bench/orders/stages.py` joins them).
+/// The stages, in order: `committed` (serve: the order's commit returned, the HTTP handler
+/// answers), `publish` (serve: the dispatcher starts the QoS 2 PUBLISH), `order_in` (store:
+/// the order arrived), `synced` (store: its journal line is on disk), `ack_in` (serve: the
+/// ack arrived), `pubcomp` (serve: the order's PUBCOMP arrived), `ack_committed` (serve:
+/// the ack's commit returned), `ack_pubcomp` (store: its ack's PUBCOMP arrived).
+pub const STAGE_TARGET: &str = "qosmos_orders::stage";
+
 pub mod acks;
 pub mod agent;
 pub mod directory;
