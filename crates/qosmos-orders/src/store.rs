@@ -97,6 +97,8 @@ pub struct WriteStats {
     pub commits: u64,
     /// Write requests answered (create, mark_dispatched, record_ack).
     pub requests: u64,
+    /// WAL checkpoints run (by the checkpointer thread, beside the writer).
+    pub checkpoints: u64,
 }
 
 /// What [`OrderStore::create`] did.
@@ -319,6 +321,7 @@ impl OrderStore {
         WriteStats {
             commits: c.commits.load(std::sync::atomic::Ordering::Relaxed),
             requests: c.requests.load(std::sync::atomic::Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -775,6 +778,53 @@ mod tests {
             ["wal", "2", "5000", "1"].map(String::from),
             "the writer's connection"
         );
+        store.close().await;
+    }
+
+    /// The writer's commits never checkpoint (`wal_autocheckpoint = 0`); the checkpointer
+    /// thread copies the WAL into the database file beside it.
+    #[tokio::test]
+    async fn checkpoints_run_beside_the_writer_not_in_its_commits() {
+        let (dir, store) = temp_store().await;
+        let (tx, rx) = oneshot::channel();
+        assert!(
+            store
+                .writer
+                .send(Request::With(Box::new(move |c| {
+                    let _ = tx
+                        .send(c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get::<_, i64>(0)));
+                })))
+                .await
+        );
+        assert_eq!(rx.await.expect("answer").expect("pragma"), 0);
+        const N: i64 = 20;
+        for _ in 0..N {
+            create_one(&store, "s1").await;
+        }
+        // The database file alone (a copy of it, without the WAL) holds the orders once
+        // a checkpoint after the last commit ran: nothing else copies them there.
+        let db = dir.path().join("o.db");
+        let copy = dir.path().join("copy.db");
+        let counted = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let n = std::fs::copy(&db, &copy).ok().and_then(|_| {
+                    let c = rusqlite::Connection::open(&copy).ok()?;
+                    c.query_row("SELECT count(*) FROM orders", [], |r| r.get::<_, i64>(0))
+                        .ok()
+                });
+                let _ = std::fs::remove_file(&copy);
+                if n == Some(N) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            counted.is_ok(),
+            "the orders never reached the database file"
+        );
+        assert!(store.write_stats().checkpoints >= 1);
         store.close().await;
     }
 

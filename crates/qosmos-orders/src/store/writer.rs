@@ -22,6 +22,17 @@
 //! reads stay on sqlx's pool (WAL readers run beside the writer). Both use the same
 //! `libsqlite3-sys` (0.30, bundled), so there is one SQLite in the binary.
 //!
+//! Checkpoints run beside the writer, never inside one of its commits. By default SQLite
+//! checkpoints the WAL into the database file from the `COMMIT` that takes it past 1,000
+//! pages: that commit then also copies the pages and syncs the database file, and every
+//! caller in its batch (and every request queued behind it) waits for that. Here the
+//! writer's connection has `wal_autocheckpoint = 0`, and a second connection on a thread
+//! of its own (the checkpointer) runs `PRAGMA wal_checkpoint(PASSIVE)` after commits, at
+//! most once per [`CHECKPOINT_EVERY`]. A passive checkpoint takes no lock the writer
+//! needs: the writer keeps appending to the WAL while it runs, and restarts the WAL from
+//! its start on its next transaction once a checkpoint has copied all of it. Durability
+//! does not depend on checkpoints (a commit is durable once its WAL frames are synced).
+//!
 //! [`OrderStore::create`]: super::OrderStore::create
 //! [`OrderStore::mark_dispatched`]: super::OrderStore::mark_dispatched
 //! [`OrderStore::record_ack`]: super::OrderStore::record_ack
@@ -46,6 +57,9 @@ use crate::time::Timestamp;
 pub(crate) const MAX_BATCH: usize = 512;
 /// Requests waiting for the writer at most; callers wait when it is full.
 const QUEUE: usize = 8192;
+/// The checkpointer's pace: one passive checkpoint at most this often, while there are
+/// commits.
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// One write, and where its answer goes.
 pub(crate) enum Request {
@@ -92,6 +106,8 @@ pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
     /// Requests answered (committed or not).
     pub(crate) requests: AtomicU64,
+    /// Checkpoints run by the checkpointer.
+    pub(crate) checkpoints: AtomicU64,
 }
 
 impl std::fmt::Debug for Request {
@@ -139,13 +155,19 @@ impl Writer {
         let to_feed = feeds.clone();
         std::thread::Builder::new()
             .name("order-store-writer".into())
-            .spawn(move || match open(&path, busy_timeout) {
-                Ok(conn) => {
-                    let _ = ready_tx.send(Ok(()));
-                    run(conn, rx, &ids, &counters, &to_feed);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                let opened = open(&path, busy_timeout).and_then(|conn| {
+                    let checkpointer = Checkpointer::start(&path, busy_timeout, counters.clone())?;
+                    Ok((conn, checkpointer))
+                });
+                match opened {
+                    Ok((conn, checkpointer)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        run(conn, rx, &ids, &counters, &to_feed, checkpointer);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })
             .map_err(|e| StoreError::Writer(format!("cannot start the writer thread: {e}")))?;
@@ -182,9 +204,83 @@ fn open(path: &std::path::Path, busy_timeout: Duration) -> Result<Connection, St
             "journal_mode is {mode}, not wal"
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    // wal_autocheckpoint = 0: the checkpointer does it, on its own connection.
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;",
+    )?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// The thread that checkpoints the WAL (see the module docs), and how the writer wakes it.
+struct Checkpointer {
+    nudge: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Opens the checkpointer's connection (like the writer's: `wal_autocheckpoint = 0`)
+    /// and starts the thread.
+    fn start(
+        path: &std::path::Path,
+        busy_timeout: Duration,
+        stats: Arc<Counters>,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = open(path, busy_timeout)?;
+        let (nudge, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("order-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&conn, &rx, &stats))
+            .map_err(|e| StoreError::Writer(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Checkpointer { nudge, thread })
+    }
+
+    /// Tells the checkpointer that a transaction was committed.
+    fn committed(&self) {
+        // Full: a nudge is already waiting, which is enough.
+        let _ = self.nudge.try_send(());
+    }
+
+    /// Stops the thread (after the checkpoint it may be running) and closes its connection.
+    fn stop(self) {
+        drop(self.nudge);
+        let _ = self.thread.join();
+    }
+}
+
+/// Waits for commits; checkpoints (PASSIVE) at most once per [`CHECKPOINT_EVERY`]. Ends
+/// when the writer drops its end.
+fn checkpoint_loop(conn: &Connection, rx: &std::sync::mpsc::Receiver<()>, stats: &Counters) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut last = std::time::Instant::now();
+    while rx.recv().is_ok() {
+        // Let the commits of the next CHECKPOINT_EVERY gather, but leave at once when the
+        // writer closes.
+        loop {
+            let left = CHECKPOINT_EVERY.saturating_sub(last.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        // A nudge that came during the wait is covered by this checkpoint.
+        let _ = rx.try_recv();
+        last = std::time::Instant::now();
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((frames, copied)) => {
+                stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(frames, copied, "order store checkpoint");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "order store checkpoint failed; retried after the next commit")
+            }
+        }
+    }
 }
 
 /// An answer to send once the batch is committed (or to turn into an error if the commit
@@ -233,11 +329,14 @@ fn run(
     ids: &IdGenerator,
     stats: &Counters,
     feeds: &Feeds,
+    checkpointer: Checkpointer,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut answers = Vec::with_capacity(MAX_BATCH);
     loop {
         let Some(first) = rx.blocking_recv() else {
+            drop(conn);
+            checkpointer.stop();
             return;
         };
         batch.push(first);
@@ -256,6 +355,7 @@ fn run(
             Ok(committed) => {
                 if committed {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
+                    checkpointer.committed();
                     feed(feeds, &answers);
                 }
                 answers.drain(..).for_each(Pending::send);
@@ -268,6 +368,7 @@ fn run(
         }
         if let Some(done) = close {
             drop(conn);
+            checkpointer.stop();
             let _ = done.send(());
             // Anything queued after the close is answered by dropping its reply sender.
             rx.close();

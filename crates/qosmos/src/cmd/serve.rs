@@ -171,8 +171,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), CliError> {
              qosmos_orders_store_commits_total {}\n\
              # HELP qosmos_orders_store_writes_total Order store writes (create, dispatched, ack) applied in those transactions.\n\
              # TYPE qosmos_orders_store_writes_total counter\n\
-             qosmos_orders_store_writes_total {}\n",
-            w.commits, w.requests
+             qosmos_orders_store_writes_total {}\n\
+             # HELP qosmos_orders_store_checkpoints_total Order store WAL checkpoints, run beside the writer (never inside its commits).\n\
+             # TYPE qosmos_orders_store_checkpoints_total counter\n\
+             qosmos_orders_store_checkpoints_total {}\n",
+            w.commits, w.requests, w.checkpoints
         );
         if let Some(m) = &m {
             text.push_str(&m.metrics());
