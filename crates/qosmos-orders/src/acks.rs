@@ -159,7 +159,8 @@ impl AckConsumer {
                 Ok(Transition::Moved { to, .. }) => {
                     tracing::debug!(target: crate::STAGE_TARGET, order_id = %ack.order_id, stage = "ack_committed");
                     OrderMetrics::inc(&m.acks_recorded_total);
-                    tracing::info!(order_id = %ack.order_id, store_id = %store_id, status = %to, "order acknowledged");
+                    // DEBUG: per order (see `http::create_order`); the history keeps it.
+                    tracing::debug!(order_id = %ack.order_id, store_id = %store_id, status = %to, "order acknowledged");
                     return;
                 }
                 Ok(_) => {

@@ -444,7 +444,8 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
                     let mut line = order.to_payload();
                     line.push(b'\n');
                     match out.write_all(&line).and_then(|()| out.flush()) {
-                        Ok(()) => tracing::info!(order_id = %order.id, "order printed"),
+                        // DEBUG: the order line on stdout is the record.
+                        Ok(()) => tracing::debug!(order_id = %order.id, "order printed"),
                         Err(e) => {
                             tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
                         }
