@@ -3,7 +3,7 @@
 # next to `qosmos serve` + `qosmos store`, same load generator, same machine.
 #
 # Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
-#                            [--baseline BIN] [--stages] [--rates LIST]
+#                            [--baseline BIN] [--stages] [--rates LIST] [--conns N]
 #
 #   --quick     fewer orders (about a minute in all instead of several)
 #   --only S    run one stack only
@@ -19,11 +19,13 @@
 #               qosmos_orders::stage=debug) and write, per scenario, stages.txt: where
 #               the time went, step by step (stages.py); the logging costs some CPU
 #   --rates L   only these scenarios, e.g. "r1000" or "max r1000" (default: max r100 r1000)
+#   --conns N   keep-alive connections per load process (default 8; 2 processes), the
+#               same for every stack
 #
 # Every scenario starts its stack fresh (new database, new broker) on free loopback
 # ports and stops it afterwards; each process also runs under `timeout`, so nothing
 # outlives the script. Scenarios, each with S=4 stores:
-#   max      as many orders/s as 2 load processes x 8 keep-alive connections get through
+#   max      as many orders/s as 2 load processes x 8 (--conns) keep-alive connections get through
 #   r1000    1,000 orders/s offered (open loop) for D seconds
 #   r100     100 orders/s offered for D seconds
 # Needs: mosquitto (Debian), python3 with .venv from .ci/requirements.txt + gunicorn
@@ -41,6 +43,7 @@ TMPFS=0
 BASELINE=""
 STAGES=0
 RATES="max r100 r1000"
+CONNS=8
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -52,7 +55,8 @@ while [ $# -gt 0 ]; do
         --baseline) BASELINE="${2:-}"; shift ;;
         --stages) STAGES=1 ;;
         --rates) RATES="${2:-}"; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --conns) CONNS="${2:-}"; shift ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -197,7 +201,7 @@ scenario() {
     timeout_s=$((n / 50 + 60))
     echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
     timeout $((timeout_s + 60)) "$PY" "$HERE/load.py" --url "$URL" --orders "$n" --stores $STORES \
-        --rate "$rate" --conns 8 --procs 2 --timeout $timeout_s \
+        --rate "$rate" --conns "$CONNS" --procs 2 --timeout $timeout_s \
         --store-out "$dir/store-*.out" --label "$label" --dump "$dir/orders.jsonl" \
         >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true
     stop_all
