@@ -48,12 +48,13 @@ pub struct DispatcherConfig {
 }
 
 impl Default for DispatcherConfig {
-    /// 30 s ack timeout, a scan every second, 256 publishes in flight, MQTT 5.
+    /// 30 s ack timeout, a scan every second, 1,024 publishes in flight (the embedded
+    /// broker's Receive Maximum; a broker that announces less holds the client to it), MQTT 5.
     fn default() -> Self {
         DispatcherConfig {
             ack_timeout: Duration::from_secs(30),
             scan_interval: Duration::from_secs(1),
-            window: 256,
+            window: 1024,
             mqtt5: true,
         }
     }

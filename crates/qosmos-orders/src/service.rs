@@ -10,7 +10,7 @@ use qosmos_client::mqtt::ProtocolVersion;
 use qosmos_client::{Client, ClientError, ClientEvent, ClientOptions};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::acks::{AckConsumer, AckPresence};
+use crate::acks::{AckConsumer, AckPresence, MAX_OPEN_ACKS};
 use crate::dispatch::StoreDirectory;
 use crate::dispatcher::{DispatcherConfig, DispatcherTask, MqttDispatcher};
 use crate::http::AppState;
@@ -40,6 +40,11 @@ impl Service {
     /// `directory` answers `GET /api/stores`; `None` derives it from the acks seen
     /// ([`AckPresence`]), for an external broker whose sessions are not visible.
     ///
+    /// The client announces a Receive Maximum of [`MAX_OPEN_ACKS`] (MQTT 5), whatever
+    /// `opts` says: the ack consumer holds each ack's PUBREC until its group commit, so the
+    /// broker may have that many acks in flight to us. With the client's default (100) the
+    /// acks, not the commits, were the limit: at most 100 acks per commit round trip.
+    ///
     /// # Errors
     ///
     /// The client's, when the broker refuses the connection or the ack subscription.
@@ -52,6 +57,7 @@ impl Service {
         let metrics = Arc::new(OrderMetrics::new());
         let presence = Arc::new(AckPresence::new(ACK_PRESENCE_WINDOW));
         let acks = AckConsumer::new(store.clone(), metrics.clone(), presence.clone());
+        let opts = opts.receive_maximum(u16::try_from(MAX_OPEN_ACKS).unwrap_or(u16::MAX));
         let (client, mqtt5) = connect_routed(opts, |c, _| acks.route(c)).await?;
         config.mqtt5 = mqtt5;
         // The subscription waits for the connection; the service starts meanwhile.
