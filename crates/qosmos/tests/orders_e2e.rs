@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{free_port, qosmos, run_with_deadline, temp_dir, try_http, wait_for_port};
+use support::{
+    free_port, qosmos, run_with_deadline, temp_dir, try_http, wait_for_port, wait_with_deadline,
+};
 
 const START: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(120);
@@ -912,4 +914,130 @@ fn exec_interrupted_by_sigkill_is_not_run_twice() {
         "the command ran {} times",
         ran.lines().count()
     );
+}
+
+/// A child process, SIGKILLed on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The service holds each ack (no PUBREC) until the commit that records it; the broker
+/// may have more than 100 of them in flight to the service at once (its Receive Maximum
+/// is 1,024). With the client default of 100, 100 acks per commit round trip were the
+/// ceiling of the whole pipeline at load.
+#[test]
+fn more_than_a_hundred_acks_wait_for_one_commit() {
+    let dir = temp_dir("e2e-ack-window");
+    let serve = Serve::start(&dir, &[]);
+    let db = dir.join("serve-data").join("orders.db");
+    // Another process takes the database's write lock and keeps it while its stdin is
+    // open: the order store's writer waits on it, and with it every ack.
+    let mut locker = KillOnDrop(
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                 c.execute('BEGIN IMMEDIATE')\n\
+                 print('locked', flush=True)\n\
+                 sys.stdin.read()\n",
+            )
+            .arg(&db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn python3"),
+    );
+    let mut line = [0u8; 7];
+    locker
+        .0
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut line)
+        .expect("the lock is taken");
+    assert_eq!(&line[..6], b"locked");
+
+    // 300 acks at QoS 2 (for orders that do not exist: each is still a write to commit).
+    let acks: String = (0..300)
+        .map(|i| {
+            format!("{{\"order_id\":\"01ARYZ6S41TSV4RRFFQ69G{i:04}\",\"status\":\"accepted\"}}\n")
+        })
+        .collect();
+    let mut publisher = KillOnDrop(
+        std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &serve.mqtt.to_string()])
+            .args(["-V", "mqttv5", "-q", "2", "-t", "acks/s1", "-l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto_pub"),
+    );
+    {
+        let mut stdin = publisher.0.stdin.take().expect("stdin");
+        stdin.write_all(acks.as_bytes()).expect("acks written");
+    }
+
+    // The broker's view of the service's session: acks sent to it and not acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut most = 0;
+    while most <= 100 {
+        let (code, body) = http(serve.http, "GET", "/api/broker/clients", None, None);
+        assert_eq!(code, 200, "{body}");
+        if let Some(n) = json_of(&body)
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["client_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("qosmos-serve-"))
+            })
+            .filter_map(|c| c["inflight"].as_u64())
+            .max()
+        {
+            most = most.max(n);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "at most {most} acks in flight to the service while its writer waited; log:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The lock goes: every ack is handled and acknowledged.
+    drop(locker.0.stdin.take());
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (_, body) = http(serve.http, "GET", "/api/broker/clients", None, None);
+        let open: u64 = json_of(&body)
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["client_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("qosmos-serve-"))
+            })
+            .map(|c| c["inflight"].as_u64().unwrap_or(0) + c["queued"].as_u64().unwrap_or(0))
+            .sum();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} acks still open after the lock went; log:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = wait_with_deadline(&mut publisher.0, Duration::from_secs(30));
 }
