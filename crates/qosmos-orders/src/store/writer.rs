@@ -414,7 +414,7 @@ fn apply(
     let mut reqs = batch.drain(..);
     let result = (|| {
         if writes > 0 {
-            conn.execute_batch("BEGIN IMMEDIATE")?;
+            control(conn, "BEGIN IMMEDIATE")?;
         }
         for req in reqs.by_ref() {
             match req {
@@ -444,7 +444,7 @@ fn apply(
             }
         }
         if writes > 0 {
-            conn.execute_batch("COMMIT")?;
+            control(conn, "COMMIT")?;
         }
         Ok(writes > 0)
     })();
@@ -471,6 +471,14 @@ fn apply(
     result
 }
 
+/// Runs one of the transaction statements (`BEGIN IMMEDIATE`, `COMMIT`, `SAVEPOINT item`,
+/// `RELEASE item`) from the prepared statement cache: they run once or twice per request,
+/// and `execute_batch` would parse them every time.
+fn control(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Runs one request inside a savepoint: rolled back alone when it fails. The outer error
 /// (the savepoint itself failed) fails the whole batch: what the transaction holds is then
 /// unknown, so nothing of it may be committed.
@@ -478,10 +486,10 @@ fn item<T, E>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, E>,
 ) -> Result<Result<T, E>, StoreError> {
-    conn.execute_batch("SAVEPOINT item")?;
+    control(conn, "SAVEPOINT item")?;
     let r = f(conn);
     if r.is_ok() {
-        conn.execute_batch("RELEASE item")?;
+        control(conn, "RELEASE item")?;
     } else {
         conn.execute_batch("ROLLBACK TO item; RELEASE item")?;
     }
