@@ -5,6 +5,7 @@ use crate::config::Limits;
 use crate::durable::{StoreGuard, storable, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
+use crate::park::Parker;
 use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
 use bytes::BytesMut;
@@ -196,6 +197,8 @@ enum Event {
     Woken { readable: bool },
     /// The broker is shutting down.
     Shutdown,
+    /// Nothing to do, and the connection is to park (not handled by `step`).
+    Park,
 }
 
 /// A connection's place under the connection limit, given back when the connection ends (or
@@ -223,34 +226,110 @@ impl Drop for Slot {
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end (or until it is parked, see [`crate::park`]).
 ///
 /// Memory per idle connection is a measured goal (BENCHMARKS.md), and a task's memory is the
 /// size of its future, which is that of its largest state. So the task holds little while it
 /// waits: the connection, its socket and a [`Wake`] polled in place, no timer (the keep-alive
 /// sweep wakes it when due). The CONNECT handshake, the handling of what was read or woken,
-/// and the end each run in a future boxed for the time they take.
+/// and the end each run in a future boxed for the time they take. An idle connection holds no
+/// task at all: it is parked right after its CONNACK if nothing else came, and whenever it
+/// was idle for a whole keep-alive sweep period.
 pub(crate) fn serve(
     hub: Arc<Hub>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: Slot,
+    parker: Arc<Parker>,
 ) -> impl Future<Output = ()> + Send {
     // Boxed before the task's future is made, so that its arguments are not part of it.
-    let handshake = Box::pin(handshake(hub, stream, peer));
+    let handshake = Box::pin(handshake(hub, stream, peer, parker));
     async move {
-        let Some((mut conn, mut io, mut rbuf, mut decoder)) = handshake.await else {
+        let Some((conn, io, rbuf, decoder)) = handshake.await else {
             return;
         };
         Metrics::inc(&conn.hub.metrics.clients_connected);
+        run(conn, io, rbuf, decoder, slot, Some(Event::Start)).await;
+    }
+}
+
+/// An idle connection without a task: what its task held while it waited, with its socket
+/// taken back from tokio. Lives in the [`Parker`]'s slab.
+pub(crate) struct Parked {
+    conn: Conn,
+    socket: std::net::TcpStream,
+    decoder: Decoder,
+    slot: Slot,
+}
+
+impl Parked {
+    /// The connection's socket.
+    pub(crate) fn socket(&self) -> &std::net::TcpStream {
+        &self.socket
+    }
+}
+
+/// A parked connection's task again: its socket registered with tokio again, waiting for
+/// what woke it.
+pub(crate) async fn resume(parked: Parked) {
+    let Parked {
+        conn,
+        socket,
+        decoder,
+        slot,
+    } = parked;
+    match TcpStream::from_std(socket) {
+        Ok(io) => run(conn, io, BytesMut::new(), decoder, slot, None).await,
+        Err(e) => {
+            tracing::warn!(client = %conn.client_id, error = %e, "cannot resume a parked connection");
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            Box::pin(conn.finish(End::Lost, None)).await;
+        }
+    }
+}
+
+/// The connection's loop: handles `first`, then waits for events and handles them, until
+/// the connection ends or is parked.
+///
+/// Not an `async fn`: that would move its arguments into locals of the future, which would
+/// then hold both (the future is the task's size); an `async move` block uses them in place.
+#[allow(clippy::manual_async_fn)]
+fn run(
+    mut conn: Conn,
+    mut io: TcpStream,
+    mut rbuf: BytesMut,
+    mut decoder: Decoder,
+    mut slot: Slot,
+    first: Option<Event>,
+) -> impl Future<Output = ()> + Send {
+    async move {
         // Written out here rather than in a method, so that the wait holds no more than it
         // needs: each event is handled in a boxed `step`, the wait itself is three references.
-        let mut event = Event::Start;
+        let mut next = first;
+        // A new connection parks at once if nothing else came with its CONNECT; a resumed one
+        // only when the sweep finds it idle (else a socket that tokio reports readable a moment
+        // after registering it would park again at once).
+        let mut park_now = first == Some(Event::Start);
         let end = loop {
-            if let Some(end) = Box::pin(conn.step(event, &mut io, &mut rbuf, &mut decoder)).await {
+            if let Some(event) = next.take()
+                && let Some(end) =
+                    Box::pin(conn.step(event, &mut io, &mut rbuf, &mut decoder)).await
+            {
                 break end;
             }
-            event = conn.wait(&io, &slot).await;
+            match conn.wait(&io, &slot, park_now).await {
+                Event::Park => {
+                    park_now = false;
+                    if rbuf.is_empty() {
+                        match park(conn, io, decoder, slot) {
+                            Ok(()) => return,
+                            Err(Some(back)) => (conn, io, decoder, slot) = back,
+                            Err(None) => return,
+                        }
+                    }
+                }
+                event => next = Some(event),
+            }
         };
         Metrics::dec(&conn.hub.metrics.clients_connected);
         // Counted here, once per connection, so that every way of ending with a protocol error
@@ -258,7 +337,54 @@ pub(crate) fn serve(
         if let End::ProtocolError(_) = end {
             Metrics::inc(&conn.hub.metrics.protocol_errors);
         }
-        Box::pin(conn.finish(end, &mut io)).await;
+        Box::pin(conn.finish(end, Some(&mut io))).await;
+    }
+}
+
+/// What [`park`] gives back when the connection could not be parked.
+type Unparked = (Conn, TcpStream, Decoder, Slot);
+
+/// Parks an idle connection: its task ends, its socket leaves tokio for the [`Parker`]'s
+/// poller. `Err(Some)` gives the connection back when it cannot be parked or was woken while
+/// parking; `Err(None)` when it ended (its socket lost).
+#[allow(clippy::result_large_err)] // moved once per parking, which is rare
+fn park(conn: Conn, io: TcpStream, decoder: Decoder, slot: Slot) -> Result<(), Option<Unparked>> {
+    let socket = match io.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            // Deregistering failed: nothing more can be done with this socket.
+            tracing::warn!(client = %conn.client_id, error = %e, "cannot park a connection");
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            tokio::spawn(conn.finish(End::Lost, None));
+            return Err(None);
+        }
+    };
+    let wake = conn.waker.clone();
+    let permits = slot.0.clone();
+    let parker = wake.parker().clone();
+    match parker.park(Parked {
+        conn,
+        socket,
+        decoder,
+        slot,
+    }) {
+        Ok(key) => {
+            wake.parked(key);
+            // A wake-up (or the shutdown) that came before the key was recorded found no one
+            // to resume: resume now. The shutdown closes the permits before it drains.
+            if wake.is_woken() || permits.is_closed() {
+                parker.unpark(key);
+            }
+            Ok(())
+        }
+        Err(p) => match TcpStream::from_std(p.socket) {
+            Ok(io) => Err(Some((p.conn, io, p.decoder, p.slot))),
+            Err(_) => {
+                Metrics::dec(&p.conn.hub.metrics.clients_connected);
+                tokio::spawn(p.conn.finish(End::Lost, None));
+                Err(None)
+            }
+        },
     }
 }
 
@@ -267,6 +393,7 @@ async fn handshake(
     hub: Arc<Hub>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    parker: Arc<Parker>,
 ) -> Option<(Conn, TcpStream, BytesMut, Decoder)> {
     let _ = stream.set_nodelay(true);
     let mut rbuf = BytesMut::with_capacity(CONNECT_READ);
@@ -310,7 +437,7 @@ async fn handshake(
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(_)) => return None, // the decoder accepts only CONNECT first
     };
-    let conn = Conn::accept(hub, connect, peer, &mut stream).await?;
+    let conn = Conn::accept(hub, connect, peer, &mut stream, parker).await?;
     if rbuf.is_empty() {
         // An idle connection holds no read buffer.
         rbuf = BytesMut::new();
@@ -403,6 +530,7 @@ impl Conn {
         c: Connect,
         peer: SocketAddr,
         wr: &mut TcpStream,
+        parker: Arc<Parker>,
     ) -> Option<Conn> {
         let v = c.protocol;
         let refuse = |code: ReasonCode| {
@@ -456,7 +584,7 @@ impl Conn {
         }
         let client_receive_maximum = c.properties.receive_maximum().unwrap_or(u16::MAX);
         let client_max_packet_size = c.properties.maximum_packet_size().unwrap_or(u32::MAX);
-        let waker = Arc::new(Wake::default());
+        let waker = Arc::new(Wake::new(parker));
         let connection = Connection {
             id,
             waker: waker.clone(),
@@ -603,8 +731,15 @@ impl Conn {
         })
     }
 
-    /// Waits for the next event (what an idle connection does, and holds while it does).
-    fn wait<'a>(&'a self, io: &'a TcpStream, slot: &'a Slot) -> impl Future<Output = Event> + 'a {
+    /// Waits for the next event (what a connection does between two, and holds while it
+    /// does); [`Event::Park`] when there is none and `park_now` or the keep-alive sweep asked
+    /// it to park.
+    fn wait<'a>(
+        &'a self,
+        io: &'a TcpStream,
+        slot: &'a Slot,
+        park_now: bool,
+    ) -> impl Future<Output = Event> + 'a {
         self.waker
             .set_deadline(self.keep_alive.deadline(self.hub.started), self.hub.started);
         let waker = &self.waker;
@@ -622,6 +757,7 @@ impl Conn {
             match io.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
                 Poll::Ready(Err(_)) => Poll::Ready(Event::Lost),
+                Poll::Pending if park_now || waker.take_park_request() => Poll::Ready(Event::Park),
                 Poll::Pending => Poll::Pending,
             }
         })
@@ -638,6 +774,7 @@ impl Conn {
     ) -> Option<End> {
         let mut read = false;
         let mut readable = false;
+        self.waker.active();
         match event {
             // Packets a client sent right behind its CONNECT, in the same read.
             Event::Start => read = !rbuf.is_empty(),
@@ -658,6 +795,7 @@ impl Conn {
                 let _ = io.write_all(&self.wbuf).await;
                 return Some(End::Shutdown);
             }
+            Event::Park => {}
         }
         if readable {
             // The read buffer exists only while there is something to read: an idle
@@ -1272,16 +1410,19 @@ impl Conn {
 
     /// Detaches from the session (unless it was taken over), expires it as configured, and
     /// publishes the will when the connection did not end normally.
-    async fn finish(self, end: End, wr: &mut TcpStream) {
-        if end == End::TakenOver && self.version == ProtocolVersion::V5 {
-            let _ = write_packet(
-                wr,
-                self.version,
-                &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
-            )
-            .await;
+    /// `wr` is `None` when the socket was lost on the way (it could not be parked or resumed).
+    async fn finish(self, end: End, wr: Option<&mut TcpStream>) {
+        if let Some(wr) = wr {
+            if end == End::TakenOver && self.version == ProtocolVersion::V5 {
+                let _ = write_packet(
+                    wr,
+                    self.version,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+                )
+                .await;
+            }
+            let _ = wr.shutdown().await;
         }
-        let _ = wr.shutdown().await;
         tracing::debug!(client = %self.client_id, ?end, "disconnected");
         let hub = &self.hub;
         let mut expiry = 0;
@@ -1363,11 +1504,8 @@ pub(crate) async fn keep_alive_sweep(hub: Arc<Hub>) {
     loop {
         tick.tick().await;
         let now_ms = u64::try_from(hub.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        for_each_connection(&hub, |c| {
-            if c.waker.due(now_ms) {
-                c.waker.notify_one();
-            }
-        });
+        // Also asks the connections idle since the previous sweep to park.
+        for_each_connection(&hub, |c| c.waker.sweep(now_ms));
     }
 }
 
@@ -1480,8 +1618,10 @@ mod tests {
     use super::*;
 
     /// What an idle connection holds, in bytes, must not silently grow back (memory per idle
-    /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). The task's size is
-    /// that of the `serve` future; the bounds hold for debug builds, release ones are smaller.
+    /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). An idle connection
+    /// is parked: its slab entry (`Parked`), its `Wake` and its session. The task's size (that
+    /// of the `serve` future) is what a busy connection holds; the bounds hold for debug
+    /// builds, release ones are smaller.
     #[tokio::test]
     async fn idle_connection_state_stays_small() {
         let hub = Arc::new(Hub::new(Limits::default(), None));
@@ -1493,12 +1633,14 @@ mod tests {
         let (stream, peer) = listener.accept().await.expect("accept");
         let permits = Arc::new(Semaphore::new(1));
         let slot = Slot::take(&permits).expect("a free slot");
-        let task = serve(hub, stream, peer, slot);
+        let parker = Parker::start(tokio::runtime::Handle::current(), &hub).expect("poller");
+        let task = serve(hub, stream, peer, slot, parker.clone());
         let sizes = [
-            ("serve future", std::mem::size_of_val(&task), 288),
+            ("Parked", std::mem::size_of::<Parked>(), 176),
+            ("serve future", std::mem::size_of_val(&task), 456),
             ("Conn", std::mem::size_of::<Conn>(), 152),
             ("KeepAliveTimer", std::mem::size_of::<KeepAliveTimer>(), 16),
-            ("Wake", std::mem::size_of::<Wake>(), 48),
+            ("Wake", std::mem::size_of::<Wake>(), 56),
             ("Connection", std::mem::size_of::<Connection>(), 48),
             ("SessionState", std::mem::size_of::<SessionState>(), 320),
         ];

@@ -78,6 +78,7 @@ mod connection;
 mod durable;
 mod hub;
 mod metrics;
+mod park;
 mod server;
 mod session;
 pub mod store;

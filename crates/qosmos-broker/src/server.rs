@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::durable::{OpenError, Store};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::park::{Parker, StopOnDrop};
 use crate::store::StoreError;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,6 +33,9 @@ pub enum BrokerError {
     /// The data directory could not be opened, or holds state this build cannot read.
     #[error(transparent)]
     Store(#[from] OpenError),
+    /// The poller for idle connections could not be started.
+    #[error("cannot start the idle-connection poller: {0}")]
+    Poller(std::io::Error),
 }
 
 impl BrokerError {
@@ -142,6 +146,10 @@ impl Broker {
         if let Some(every) = hub.limits.sys_interval {
             background.spawn(crate::sys::publish_loop(hub.clone(), every));
         }
+        let parker =
+            Parker::start(tokio::runtime::Handle::current(), &hub).map_err(BrokerError::Poller)?;
+        // Stops the poller thread however `run` ends (its future may be dropped).
+        let _stop_parker = StopOnDrop(parker.clone());
         let permits = Arc::new(Semaphore::new(hub.limits.max_connections));
         let mut connections = JoinSet::new();
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "MQTT broker listening");
@@ -155,7 +163,13 @@ impl Broker {
                         let hub = hub.clone();
                         match crate::connection::Slot::take(&permits) {
                             Some(slot) => {
-                                connections.spawn(crate::connection::serve(hub, stream, peer, slot));
+                                connections.spawn(crate::connection::serve(
+                                    hub,
+                                    stream,
+                                    peer,
+                                    slot,
+                                    parker.clone(),
+                                ));
                             }
                             None => {
                                 Metrics::inc(&hub.metrics.connections_refused_limit);
@@ -176,12 +190,19 @@ impl Broker {
         let _ = stop_tx.send(true);
         // A connection's shutdown signal is the connection limit's semaphore closing (a watch
         // future polled by every idle connection would make each bigger): it sees it when woken.
+        // Parked connections are resumed by their wake-up, and any the sessions do not reach
+        // by the drain; one parking meanwhile sees the semaphore closed and resumes itself.
         permits.close();
         crate::connection::wake_all(&hub);
+        parker.drain();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while connections.join_next().await.is_some() {}
+            parker.join().await;
         })
         .await;
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+        parker.stop();
         background.abort_all();
         // Wait for the aborted tasks to be dropped: then the admin listener is closed when
         // `run` returns, and the broker can be bound again on the same address at once.

@@ -1,12 +1,13 @@
 //! A client's session: its subscriptions and the QoS state in both directions, which outlive
 //! the connection when the session is persistent.
 
+use crate::park::{Key, Parker};
 use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
 use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Instant;
@@ -103,48 +104,108 @@ pub(crate) struct Connection {
     pub(crate) peer: SocketAddr,
 }
 
-/// How a connection task is woken. Smaller than a `Notify` and its `Notified` future, and
-/// polled in place, so that an idle connection's task stays small (memory per idle
-/// connection is a measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline
-/// that the broker's keep-alive sweep checks instead of a timer per connection.
+/// How a connection is woken. Smaller than a `Notify` and its `Notified` future, and polled
+/// in place, so that an idle connection's task stays small (memory per idle connection is a
+/// measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline that the
+/// broker's keep-alive sweep checks instead of a timer per connection, and knows whether the
+/// connection is parked without a task ([`crate::park`]), so that waking it resumes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
-    woken: AtomicBool,
+    /// [`WOKEN`], [`ACTIVE`], [`PARK`].
+    flags: AtomicU8,
     /// Milliseconds since the hub started after which the keep alive is due (`u64::MAX`:
     /// never).
     deadline_ms: AtomicU64,
-    waker: Mutex<Option<Waker>>,
+    waiter: Mutex<Waiter>,
+    parker: Arc<Parker>,
 }
 
-impl Default for Wake {
-    fn default() -> Self {
-        Wake {
-            woken: AtomicBool::new(false),
-            deadline_ms: AtomicU64::new(u64::MAX),
-            waker: Mutex::new(None),
-        }
-    }
+/// A wake-up is pending.
+const WOKEN: u8 = 1;
+/// The connection handled something since the keep-alive sweep last looked.
+const ACTIVE: u8 = 2;
+/// The sweep found the connection idle: it is to park.
+const PARK: u8 = 4;
+
+/// Who waits on a [`Wake`].
+#[derive(Debug)]
+enum Waiter {
+    None,
+    /// The connection's task.
+    Task(Waker),
+    /// The connection, parked under this key.
+    Parked(Key),
 }
 
 impl Wake {
-    /// Wakes the task, or makes its next wait return at once (like `Notify::notify_one`).
+    pub(crate) fn new(parker: Arc<Parker>) -> Wake {
+        Wake {
+            flags: AtomicU8::new(0),
+            deadline_ms: AtomicU64::new(u64::MAX),
+            waiter: Mutex::new(Waiter::None),
+            parker,
+        }
+    }
+
+    /// Where the connection parks.
+    pub(crate) fn parker(&self) -> &Arc<Parker> {
+        &self.parker
+    }
+
+    fn waiter(&self) -> MutexGuard<'_, Waiter> {
+        self.waiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the task, or resumes the parked connection, or makes the next wait return at
+    /// once (like `Notify::notify_one`).
     pub(crate) fn notify_one(&self) {
-        self.woken.store(true, Ordering::Release);
-        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = waker.as_ref() {
-            w.wake_by_ref();
+        self.flags.fetch_or(WOKEN, Ordering::AcqRel);
+        let mut waiter = self.waiter();
+        match &*waiter {
+            Waiter::Task(w) => w.wake_by_ref(),
+            Waiter::Parked(key) => {
+                let key = *key;
+                *waiter = Waiter::None;
+                drop(waiter);
+                self.parker.unpark(key);
+            }
+            Waiter::None => {}
         }
     }
 
     /// Registers the task to wake, then takes a pending wake-up: true when there was one.
     pub(crate) fn poll_woken(&self, cx: &mut Context<'_>) -> bool {
         {
-            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
+            let mut waiter = self.waiter();
+            if !matches!(&*waiter, Waiter::Task(w) if w.will_wake(cx.waker())) {
+                *waiter = Waiter::Task(cx.waker().clone());
             }
         }
-        self.woken.swap(false, Ordering::AcqRel)
+        self.flags.fetch_and(!WOKEN, Ordering::AcqRel) & WOKEN != 0
+    }
+
+    /// Whether a wake-up is pending (without taking it).
+    pub(crate) fn is_woken(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & WOKEN != 0
+    }
+
+    /// Takes the sweep's request to park: true when there was one.
+    pub(crate) fn take_park_request(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & PARK != 0
+            && self.flags.fetch_and(!PARK, Ordering::AcqRel) & PARK != 0
+    }
+
+    /// Notes that the connection is busy: the sweep does not ask it to park before it has
+    /// been idle for a whole sweep period.
+    pub(crate) fn active(&self) {
+        if self.flags.load(Ordering::Relaxed) & ACTIVE == 0 {
+            self.flags.fetch_or(ACTIVE, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that the connection is parked under `key`: a wake-up resumes it.
+    pub(crate) fn parked(&self, key: Key) {
+        *self.waiter() = Waiter::Parked(key);
     }
 
     /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive).
@@ -159,6 +220,24 @@ impl Wake {
     /// of [`Wake::set_deadline`]).
     pub(crate) fn due(&self, now_ms: u64) -> bool {
         self.deadline_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// What the keep-alive sweep does for each connection, at `now_ms` (milliseconds since
+    /// the epoch of [`Wake::set_deadline`]): wakes it if its keep alive is due, else asks its
+    /// task to park if it did nothing since the previous sweep.
+    pub(crate) fn sweep(&self, now_ms: u64) {
+        if self.due(now_ms) {
+            self.notify_one();
+            return;
+        }
+        if self.flags.fetch_and(!ACTIVE, Ordering::Relaxed) & ACTIVE != 0 {
+            return;
+        }
+        let waiter = self.waiter();
+        if let Waiter::Task(w) = &*waiter {
+            self.flags.fetch_or(PARK, Ordering::AcqRel);
+            w.wake_by_ref();
+        }
     }
 }
 
