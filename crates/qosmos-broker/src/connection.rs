@@ -281,7 +281,7 @@ pub(crate) async fn resume(parked: Parked) {
     match TcpStream::from_std(socket) {
         Ok(io) => run(conn, io, BytesMut::new(), decoder, slot, None).await,
         Err(e) => {
-            tracing::warn!(client = %conn.client_id, error = %e, "cannot resume a parked connection");
+            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot resume a parked connection");
             Metrics::dec(&conn.hub.metrics.clients_connected);
             Box::pin(conn.finish(End::Lost, None)).await;
         }
@@ -353,7 +353,7 @@ fn park(conn: Conn, io: TcpStream, decoder: Decoder, slot: Slot) -> Result<(), O
         Ok(s) => s,
         Err(e) => {
             // Deregistering failed: nothing more can be done with this socket.
-            tracing::warn!(client = %conn.client_id, error = %e, "cannot park a connection");
+            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot park a connection");
             Metrics::dec(&conn.hub.metrics.clients_connected);
             tokio::spawn(conn.finish(End::Lost, None));
             return Err(None);
@@ -499,14 +499,12 @@ impl KeepAliveTimer {
     }
 }
 
-/// A connection past its CONNECT.
+/// A connection past its CONNECT. What an idle one holds while parked (its client id is its
+/// session's, not a copy).
 struct Conn {
     hub: Arc<Hub>,
     id: u64,
     session: Arc<Session>,
-    client_id: Arc<str>,
-    /// The client identifier as records carry it.
-    client_str: MqttStr,
     version: ProtocolVersion,
     encoder: Encoder,
     waker: Arc<Wake>,
@@ -719,8 +717,6 @@ impl Conn {
             hub,
             id,
             session,
-            client_str: MqttStr::from(&*client_id),
-            client_id,
             version: v,
             encoder,
             waker,
@@ -784,7 +780,7 @@ impl Conn {
                 readable = r;
                 if self.keep_alive.expired(self.hub.started) {
                     Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
-                    tracing::info!(client = %self.client_id, "keep alive expired");
+                    tracing::info!(client = %self.session.client_id, "keep alive expired");
                     self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                     let _ = io.write_all(&self.wbuf).await;
                     return Some(End::KeepAlive);
@@ -872,7 +868,7 @@ impl Conn {
             if end.is_none()
                 && let Some(e) = bad
             {
-                tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
+                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: bad packet");
                 self.send_disconnect(&mut batch, e.reason_code());
                 end = Some(End::ProtocolError(e.reason_code()));
             }
@@ -899,7 +895,7 @@ impl Conn {
         if let Some(commit) = commit
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
+            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
             self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
             return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
         }
@@ -940,7 +936,7 @@ impl Conn {
             && let Some(commit) = store.submit(records)
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection");
+            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection");
             return Err(End::Lost);
         }
         if !self.wbuf.is_empty() {
@@ -984,7 +980,7 @@ impl Conn {
                     .ticket_of(packet_id)
                     .and_then(|t| st.message_ids.get(&t).copied());
                 if let Some(message_id) = id {
-                    let client_id = self.client_str.clone();
+                    let client_id = self.session.client_str.clone();
                     records.push(if released {
                         Record::Released {
                             client_id,
@@ -1025,7 +1021,7 @@ impl Conn {
 
     fn encode(&mut self, p: &Packet) {
         if let Err(e) = self.encoder.encode(p, &mut self.wbuf) {
-            tracing::warn!(client = %self.client_id, error = %e, packet = %p.packet_type(), "packet not sent");
+            tracing::warn!(client = %self.session.client_id, error = %e, packet = %p.packet_type(), "packet not sent");
         }
     }
 
@@ -1047,7 +1043,7 @@ impl Conn {
 
     /// Whether this session's state is in the durable store.
     fn durable(&self, guard: Option<&StoreGuard<'_>>) -> bool {
-        guard.is_some_and(|g| g.has_session(&self.client_id))
+        guard.is_some_and(|g| g.has_session(&self.session.client_id))
             && self.session.lock().expiry_interval > 0
     }
 
@@ -1057,7 +1053,7 @@ impl Conn {
     fn completed(&self, batch: &mut Batch, id: Option<u64>) {
         if let Some(message_id) = id {
             batch.lazy.push(Record::Delivered {
-                client_id: self.client_str.clone(),
+                client_id: self.session.client_str.clone(),
                 message_id,
             });
         }
@@ -1127,7 +1123,7 @@ impl Conn {
                 drop(st);
                 if res.is_ok() && self.durable(guard.as_deref()) {
                     batch.records.push(Record::ReleaseDone {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         packet_id: r.packet_id,
                     });
                 }
@@ -1161,7 +1157,7 @@ impl Conn {
                     st.expiry_interval = e;
                     if durable && e > 0 {
                         batch.records.push(Record::SessionUpsert {
-                            client_id: self.client_str.clone(),
+                            client_id: self.session.client_str.clone(),
                             protocol_level: protocol_level(st.version),
                             expiry_interval: e,
                         });
@@ -1193,7 +1189,7 @@ impl Conn {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
-                tracing::info!(client = %self.client_id, error = %e, "closing connection: protocol error");
+                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: protocol error");
                 self.send_disconnect(batch, e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
             }
@@ -1249,13 +1245,16 @@ impl Conn {
         {
             // Remembered durably before PUBREC: a resend after a crash is not a new message.
             batch.records.push(Record::AwaitingRelease {
-                client_id: self.client_str.clone(),
+                client_id: self.session.client_str.clone(),
                 packet_id: id,
             });
         }
-        let routed = self
-            .hub
-            .prepare(msg, Some(&self.client_id), guard, &mut batch.records);
+        let routed = self.hub.prepare(
+            msg,
+            Some(&self.session.client_id),
+            guard,
+            &mut batch.records,
+        );
         let code = if routed.len() == 0 {
             Metrics::inc(&self.hub.metrics.messages_unrouted);
             ReasonCode::NO_MATCHING_SUBSCRIBERS
@@ -1315,7 +1314,7 @@ impl Conn {
                 .insert(sub.filter.clone(), opts);
             if durable {
                 batch.records.push(Record::Subscribe {
-                    client_id: self.client_str.clone(),
+                    client_id: self.session.client_str.clone(),
                     filter: sub.filter.clone(),
                     options: sub.options,
                     subscription_id: id,
@@ -1344,11 +1343,11 @@ impl Conn {
                     if durable
                         && qos != QoS::AtMostOnce
                         && g.has_message(mid)
-                        && !g.owes(&self.client_id, mid)
+                        && !g.owes(&self.session.client_id, mid)
                         && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
                 {
                     batch.records.push(Record::Enqueue {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         message_id: mid,
                         qos,
                         retain: true,
@@ -1382,11 +1381,11 @@ impl Conn {
         let durable = self.durable(guard.as_deref());
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.hub.unsubscribe(&self.client_id, f);
+            let existed = self.hub.unsubscribe(&self.session.client_id, f);
             self.session.lock().subscriptions.remove(f);
             if durable && existed {
                 batch.records.push(Record::Unsubscribe {
-                    client_id: self.client_str.clone(),
+                    client_id: self.session.client_str.clone(),
                     filter: f.clone(),
                 });
             }
@@ -1423,7 +1422,7 @@ impl Conn {
             }
             let _ = wr.shutdown().await;
         }
-        tracing::debug!(client = %self.client_id, ?end, "disconnected");
+        tracing::debug!(client = %self.session.client_id, ?end, "disconnected");
         let hub = &self.hub;
         let mut expiry = 0;
         let detached = if end == End::TakenOver {
@@ -1471,14 +1470,14 @@ impl Conn {
                 properties,
             };
             if delay == 0 {
-                publish_will(hub, p, &self.client_id, false).await;
+                publish_will(hub, p, &self.session.client_id, false).await;
             } else {
                 let due = Instant::now() + Duration::from_secs(u64::from(delay));
                 if let Some(store) = &hub.store {
                     // Owed durably: a restart re-arms it (a persistent session only; a will
                     // cannot outlive its session, see the `min(expiry)` above).
                     let commit = store.submit(vec![Record::WillPending {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         publish: storable(&p),
                         due_unix_ms: unix_ms_of(due),
                     }]);

@@ -41,8 +41,8 @@ pub(crate) struct Parker {
     stopping: AtomicBool,
     /// Where resumed connections run.
     handle: Handle,
-    /// The resumed connections' tasks, so that shutdown can wait for them (and abort
-    /// stragglers). Finished ones are reaped at each spawn.
+    /// The connections' tasks, so that shutdown can wait for them (and abort stragglers).
+    /// Finished ones are reaped at each spawn.
     tasks: Mutex<JoinSet<()>>,
     /// For the `connections_parked` gauge; weak, since the hub's sessions hold the parker.
     hub: Weak<Hub>,
@@ -54,10 +54,49 @@ impl std::fmt::Debug for Parker {
     }
 }
 
+/// Entries per chunk of the slab.
+const CHUNK: usize = 256;
+
+/// Parked connections by index, in chunks that never move: a slab in one `Vec` would copy
+/// itself when it grows, and the old copy would stay in the broker's memory (measured).
 #[derive(Default)]
 struct Slab {
-    entries: Vec<Entry>,
+    chunks: Vec<Vec<Entry>>,
     free: Vec<u32>,
+    /// Entries in use or free, all chunks together.
+    len: usize,
+}
+
+impl Slab {
+    fn get_mut(&mut self, index: u32) -> Option<&mut Entry> {
+        let i = index as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    /// A free index, made if none is left.
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(i) = self.free.pop() {
+            return Some(i);
+        }
+        let i = u32::try_from(self.len).ok()?;
+        if self.len.is_multiple_of(CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        self.chunks.last_mut()?.push(Entry {
+            generation: 0,
+            parked: None,
+        });
+        self.len += 1;
+        Some(i)
+    }
+
+    fn entries(&mut self) -> impl Iterator<Item = (u32, &mut Entry)> {
+        self.chunks
+            .iter_mut()
+            .flatten()
+            .enumerate()
+            .map(|(i, e)| (i as u32, e))
+    }
 }
 
 struct Entry {
@@ -131,20 +170,10 @@ impl Parker {
         // Registered under the slab's lock: whoever takes the entry (the poller thread on an
         // event, a wake-up) finds it registered, and deregisters it.
         let mut slab = self.slab();
-        let index = match slab.free.pop() {
-            Some(i) => i,
-            None => match u32::try_from(slab.entries.len()) {
-                Ok(i) => {
-                    slab.entries.push(Entry {
-                        generation: 0,
-                        parked: None,
-                    });
-                    i
-                }
-                Err(_) => return Err(parked),
-            },
+        let Some(index) = slab.alloc() else {
+            return Err(parked);
         };
-        let Some(entry) = slab.entries.get_mut(index as usize) else {
+        let Some(entry) = slab.get_mut(index) else {
             return Err(parked);
         };
         let key = (u64::from(entry.generation) << 32) | u64::from(index);
@@ -170,7 +199,7 @@ impl Parker {
         let generation = (key >> 32) as u32;
         let parked = {
             let mut slab = self.slab();
-            let entry = slab.entries.get_mut(index as usize)?;
+            let entry = slab.get_mut(index)?;
             if entry.generation != generation {
                 return None;
             }
@@ -198,21 +227,25 @@ impl Parker {
         if self.stopping.load(Ordering::Acquire) {
             return; // dropped: the broker is gone
         }
+        self.spawn(crate::connection::resume(parked));
+    }
+
+    /// Spawns a connection's task (a new connection's or a resumed one's), reaping those that
+    /// ended (a parked connection's task ends): each costs its entry in the set until then.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.tasks();
         while tasks.try_join_next().is_some() {}
-        tasks.spawn_on(crate::connection::resume(parked), &self.handle);
+        tasks.spawn_on(task, &self.handle);
     }
 
     /// Resumes every parked connection (shutdown: each sees the broker stopping).
     pub(crate) fn drain(&self) {
         loop {
             let keys: Vec<Key> = {
-                let slab = self.slab();
-                slab.entries
-                    .iter()
-                    .enumerate()
+                let mut slab = self.slab();
+                slab.entries()
                     .filter(|(_, e)| e.parked.is_some())
-                    .map(|(i, e)| (u64::from(e.generation) << 32) | i as u64)
+                    .map(|(i, e)| (u64::from(e.generation) << 32) | u64::from(i))
                     .collect()
             };
             if keys.is_empty() {
@@ -224,7 +257,7 @@ impl Parker {
         }
     }
 
-    /// Waits for the resumed connections' tasks to end (those resumed meanwhile too). Dropped
+    /// Waits for the connections' tasks to end (those resumed meanwhile too). Dropped
     /// before the end (a timeout), the tasks it was waiting for are aborted.
     pub(crate) async fn join(&self) {
         loop {
@@ -244,9 +277,8 @@ impl Parker {
         self.tasks().abort_all();
         let parked: Vec<Parked> = {
             let mut slab = self.slab();
-            slab.entries
-                .iter_mut()
-                .filter_map(|e| e.parked.take())
+            slab.entries()
+                .filter_map(|(_, e)| e.parked.take())
                 .collect()
         };
         if let Some(hub) = self.hub.upgrade() {

@@ -151,19 +151,17 @@ impl Broker {
         // Stops the poller thread however `run` ends (its future may be dropped).
         let _stop_parker = StopOnDrop(parker.clone());
         let permits = Arc::new(Semaphore::new(hub.limits.max_connections));
-        let mut connections = JoinSet::new();
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "MQTT broker listening");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
                         match crate::connection::Slot::take(&permits) {
                             Some(slot) => {
-                                connections.spawn(crate::connection::serve(
+                                parker.spawn(crate::connection::serve(
                                     hub,
                                     stream,
                                     peer,
@@ -174,7 +172,7 @@ impl Broker {
                             None => {
                                 Metrics::inc(&hub.metrics.connections_refused_limit);
                                 tracing::warn!(%peer, "connection limit reached: refusing");
-                                connections.spawn(crate::connection::refuse_busy(hub, stream));
+                                parker.spawn(crate::connection::refuse_busy(hub, stream));
                             }
                         }
                     }
@@ -195,13 +193,7 @@ impl Broker {
         permits.close();
         crate::connection::wake_all(&hub);
         parker.drain();
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while connections.join_next().await.is_some() {}
-            parker.join().await;
-        })
-        .await;
-        connections.abort_all();
-        while connections.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(Duration::from_secs(5), parker.join()).await;
         parker.stop();
         background.abort_all();
         // Wait for the aborted tasks to be dropped: then the admin listener is closed when
