@@ -197,6 +197,8 @@ enum Event {
     Woken { readable: bool },
     /// The broker is shutting down.
     Shutdown,
+    /// Bytes were read into the read buffer (when a parked connection is resumed).
+    Data,
     /// Nothing to do, and the connection is to park (not handled by `step`).
     Park,
 }
@@ -271,20 +273,59 @@ impl Parked {
 
 /// A parked connection's task again: its socket registered with tokio again, waiting for
 /// what woke it.
+///
+/// What the socket holds is read first, before it is registered with tokio again: a client
+/// that sent DISCONNECT or closed is then done with in one go, without waiting for tokio to
+/// report the socket readable (thousands of clients closing at once would otherwise hold a
+/// task and a registration each meanwhile). The loop is boxed, so that a resumed task waiting
+/// to run holds only the parked state.
 pub(crate) async fn resume(parked: Parked) {
     let Parked {
-        conn,
-        socket,
+        mut conn,
+        mut socket,
         decoder,
         slot,
     } = parked;
+    let mut rbuf = BytesMut::new();
+    let first = match read_parked(&mut socket, &mut rbuf) {
+        Ok(true) => {
+            conn.keep_alive_received();
+            Some(Event::Data)
+        }
+        Ok(false) => None,
+        Err(()) => {
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            Box::pin(conn.finish(End::Lost, None)).await;
+            return;
+        }
+    };
     match TcpStream::from_std(socket) {
-        Ok(io) => run(conn, io, BytesMut::new(), decoder, slot, None).await,
+        Ok(io) => Box::pin(run(conn, io, rbuf, decoder, slot, first)).await,
         Err(e) => {
             tracing::warn!(client = %conn.session.client_id, error = %e, "cannot resume a parked connection");
             Metrics::dec(&conn.hub.metrics.clients_connected);
             Box::pin(conn.finish(End::Lost, None)).await;
         }
+    }
+}
+
+/// Reads what a parked connection's socket holds (it is non-blocking): `Ok(true)` when
+/// something was read, `Ok(false)` when nothing was there, `Err` when the socket is closed or
+/// failed.
+fn read_parked(socket: &mut std::net::TcpStream, rbuf: &mut BytesMut) -> Result<bool, ()> {
+    use std::io::Read;
+    let mut buf = [0u8; 2048];
+    loop {
+        return match socket.read(&mut buf) {
+            Ok(0) => Err(()),
+            Ok(n) => {
+                rbuf.extend_from_slice(buf.get(..n).unwrap_or_default());
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => Err(()),
+        };
     }
 }
 
@@ -727,6 +768,11 @@ impl Conn {
         })
     }
 
+    /// Notes that the client sent something (for the keep alive).
+    fn keep_alive_received(&mut self) {
+        self.keep_alive.received(self.hub.started);
+    }
+
     /// Waits for the next event (what a connection does between two, and holds while it
     /// does); [`Event::Park`] when there is none and `park_now` or the keep-alive sweep asked
     /// it to park.
@@ -774,6 +820,7 @@ impl Conn {
         match event {
             // Packets a client sent right behind its CONNECT, in the same read.
             Event::Start => read = !rbuf.is_empty(),
+            Event::Data => read = true,
             Event::Readable => readable = true,
             Event::Lost => return Some(End::Lost),
             Event::Woken { readable: r } => {
