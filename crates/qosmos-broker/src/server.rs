@@ -10,6 +10,7 @@ use crate::store::StoreError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -128,6 +129,13 @@ impl Broker {
             http,
             hub,
         } = self;
+        // Polled once before anything else: a signal handler behind `shutdown` is installed at
+        // its first poll, and the listener already accepts, so a client (or a supervisor)
+        // may act as soon as it is bound; starting the poller thread first widened that window
+        // enough for an early SIGTERM to kill the process the default way.
+        tokio::pin!(shutdown);
+        let mut stopped =
+            std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx).is_ready())).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = JoinSet::new();
         if let Some(http) = http {
@@ -152,10 +160,9 @@ impl Broker {
         let _stop_parker = StopOnDrop(parker.clone());
         let permits = Arc::new(Semaphore::new(hub.limits.max_connections));
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "MQTT broker listening");
-        tokio::pin!(shutdown);
-        loop {
+        while !stopped {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => stopped = true,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
