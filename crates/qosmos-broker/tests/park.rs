@@ -81,15 +81,20 @@ async fn a_parked_connection_is_resumed_by_its_client() {
 }
 
 /// (b) A message routed to a parked subscriber resumes it and is delivered; so are the
-/// messages routed while it goes back and forth between parked and running.
+/// messages routed while the subscribers go back and forth between parked and running.
 #[tokio::test]
 async fn a_parked_connection_is_resumed_by_a_message_routed_to_it() {
+    const SUBS: u64 = 10;
     let b = TestBroker::start(limits()).await;
-    let mut sub = connect_parked(&b, "p-sub", 1).await;
-    sub.send(&subscribe("p/routed", QoS::AtLeastOnce)).await;
-    assert!(matches!(sub.expect().await, Packet::SubAck(_)));
-    wait_parked(&b, 1).await;
-    let mut publisher = connect_parked(&b, "p-pub", 2).await;
+    let mut subs = Vec::new();
+    for i in 0..SUBS {
+        let mut sub = connect_parked(&b, &format!("p-sub-{i}"), i + 1).await;
+        sub.send(&subscribe("p/routed", QoS::AtLeastOnce)).await;
+        assert!(matches!(sub.expect().await, Packet::SubAck(_)));
+        subs.push(sub);
+    }
+    wait_parked(&b, SUBS).await;
+    let mut publisher = connect_parked(&b, "p-pub", SUBS + 1).await;
     // Pauses around the sweep period, so that some messages come while the subscriber is
     // parking or parked and others while it runs.
     let pauses = [0, 450, 700, 950, 1100, 300, 600, 1000];
@@ -104,16 +109,20 @@ async fn a_parked_connection_is_resumed_by_a_message_routed_to_it() {
             Packet::PubAck(a) => assert_eq!(a.packet_id, id.try_into().unwrap()),
             other => panic!("expected PUBACK, got {other:?}"),
         }
-        match sub.expect().await {
-            Packet::Publish(p) => {
-                assert_eq!(&p.payload[..], payload.as_bytes());
-                sub.send(&Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
-                    .await;
+        for sub in &mut subs {
+            match sub.expect().await {
+                Packet::Publish(p) => {
+                    assert_eq!(&p.payload[..], payload.as_bytes());
+                    sub.send(&Packet::PubAck(PubAck::new(p.packet_id.unwrap())))
+                        .await;
+                }
+                other => panic!("expected PUBLISH {payload}, got {other:?}"),
             }
-            other => panic!("expected PUBLISH {payload}, got {other:?}"),
         }
     }
-    sub.expect_silence(Duration::from_millis(200)).await;
+    for sub in &mut subs {
+        sub.expect_silence(Duration::from_millis(100)).await;
+    }
     b.stop().await;
 }
 
