@@ -8,11 +8,11 @@ use crate::metrics::Metrics;
 use crate::park::Parker;
 use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use qosmos_mqtt::state::{AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError};
 use qosmos_mqtt::{
     ConnAck, Connect, DecodeError, Decoder, Disconnect, Encoder, LastWill, MqttStr, Packet,
-    PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
+    PacketId, Properties, Property, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
     RetainHandling, Role, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use std::future::Future;
@@ -77,6 +77,28 @@ enum Post {
         messages: Vec<(Publish, QoS, Option<u64>)>,
         ids: Vec<u32>,
     },
+}
+
+/// A copy of a string that is a slice of a read buffer, for what is kept longer than the
+/// packet: the slice would keep the whole buffer allocated.
+fn owned_str(s: &MqttStr) -> MqttStr {
+    MqttStr::from(s.as_str())
+}
+
+/// A copy of properties whose strings and bytes are slices of a read buffer (see
+/// [`owned_str`]).
+fn owned_properties(props: &Properties) -> Properties {
+    props
+        .iter()
+        .map(|p| match p {
+            Property::ContentType(s) => Property::ContentType(owned_str(s)),
+            Property::ResponseTopic(s) => Property::ResponseTopic(owned_str(s)),
+            Property::CorrelationData(b) => Property::CorrelationData(Bytes::copy_from_slice(b)),
+            Property::UserProperty(k, v) => Property::UserProperty(owned_str(k), owned_str(v)),
+            Property::ReasonString(s) => Property::ReasonString(owned_str(s)),
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// The protocol level byte of a version, as the store records it.
@@ -761,7 +783,16 @@ impl Conn {
             version: v,
             encoder,
             waker,
-            will: c.will.map(Box::new),
+            // Copied: the CONNECT's will is a slice of the CONNECT's read buffer.
+            will: c.will.map(|w| {
+                Box::new(LastWill {
+                    topic: owned_str(&w.topic),
+                    payload: Bytes::copy_from_slice(&w.payload),
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: owned_properties(&w.properties),
+                })
+            }),
             aliases: SmallMap::default(),
             connect_expiry: expiry,
             wbuf,
@@ -1268,18 +1299,26 @@ impl Conn {
                     }
                 }
             } else {
-                self.aliases.insert(alias, p.topic.clone());
+                // A copy: the topic is a slice of the read buffer.
+                self.aliases.insert(alias, owned_str(&p.topic));
             }
             p.properties.remove(PropertyId::TopicAlias);
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
         let accepted = self.session.lock().incoming.handle_publish(p);
-        let msg = match accepted {
+        let mut msg = match accepted {
             Ok(Some(m)) => m,
             Ok(None) => return None, // a QoS 2 resend: already routed once
             Err(e) => return self.state_result(batch, Err(e)),
         };
+        if msg.retain {
+            // Kept by the broker until replaced: copied out of the read buffer (8 kB) that
+            // its slices would keep allocated.
+            msg.topic = owned_str(&msg.topic);
+            msg.payload = Bytes::copy_from_slice(&msg.payload);
+            msg.properties = owned_properties(&msg.properties);
+        }
         if msg.topic.starts_with("$SYS") {
             // Clients may not publish into the broker's own statistics.
             if let Some(id) = packet_id {
@@ -1354,15 +1393,18 @@ impl Conn {
                 options: sub.options,
                 id,
             };
-            let existed = self.hub.subscribe(&self.session, &sub.filter, opts);
+            // A copy: the packet's filter is a slice of the read buffer, which it would keep
+            // allocated (8 kB) for as long as the subscription lasts.
+            let filter = owned_str(&sub.filter);
+            let existed = self.hub.subscribe(&self.session, &filter, opts);
             self.session
                 .lock()
                 .subscriptions
-                .insert(sub.filter.clone(), opts);
+                .insert(filter.clone(), opts);
             if durable {
                 batch.records.push(Record::Subscribe {
                     client_id: self.session.client_str.clone(),
-                    filter: sub.filter.clone(),
+                    filter,
                     options: sub.options,
                     subscription_id: id,
                 });
@@ -1662,6 +1704,45 @@ pub(crate) async fn refuse_busy(hub: Arc<Hub>, stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What is kept longer than its packet (a subscription's filter, a will, a topic alias, a
+    /// retained message) is copied out of the read buffer: a slice would keep the whole
+    /// buffer (8 kB) allocated, which made a subscribed idle connection cost 4 kB more.
+    #[test]
+    fn kept_strings_do_not_point_into_the_read_buffer() {
+        let frame = Bytes::from_static(b"orders/store-1/new+ct+k+v");
+        let within = |b: &[u8]| {
+            let r = frame.as_ptr_range();
+            r.contains(&b.as_ptr())
+        };
+        let topic = MqttStr::from_utf8(frame.slice(0..18)).expect("utf-8");
+        assert!(within(topic.as_str().as_bytes()));
+        let owned = owned_str(&topic);
+        assert_eq!(owned, topic);
+        assert!(!within(owned.as_str().as_bytes()));
+        let mut props = Properties::new();
+        props.push(Property::ContentType(
+            MqttStr::from_utf8(frame.slice(19..21)).expect("utf-8"),
+        ));
+        props.push(Property::UserProperty(
+            MqttStr::from_utf8(frame.slice(22..23)).expect("utf-8"),
+            MqttStr::from_utf8(frame.slice(24..25)).expect("utf-8"),
+        ));
+        props.push(Property::CorrelationData(frame.slice(0..6)));
+        let copy = owned_properties(&props);
+        assert_eq!(copy, props);
+        for p in copy.iter() {
+            match p {
+                Property::ContentType(s) => assert!(!within(s.as_str().as_bytes())),
+                Property::UserProperty(k, v) => {
+                    assert!(!within(k.as_str().as_bytes()));
+                    assert!(!within(v.as_str().as_bytes()));
+                }
+                Property::CorrelationData(b) => assert!(!within(b)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
 
     /// What an idle connection holds, in bytes, must not silently grow back (memory per idle
     /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). An idle connection
