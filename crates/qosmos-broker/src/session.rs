@@ -36,7 +36,7 @@ pub(crate) struct SessionState {
     /// From the client: QoS 2 messages awaiting PUBREL.
     pub(crate) incoming: Incoming,
     /// Full filter (with any `$share/group/`) → options.
-    pub(crate) subscriptions: BTreeMap<MqttStr, SubOptions>,
+    pub(crate) subscriptions: SubMap,
     /// The connection that owns the session now.
     pub(crate) connection: Option<Connection>,
     /// Seconds the session outlives its connection (`u32::MAX`: forever).
@@ -55,6 +55,112 @@ pub(crate) struct SessionState {
     /// The durable message id of each delivery the store knows of (an `Enqueue` record), by
     /// its ticket in `outgoing`: names the message in `Sent`, `Released` and `Delivered`.
     pub(crate) message_ids: SmallMap<Ticket, u64>,
+}
+
+/// A session's subscriptions, filter → options, in filter order: a sorted `Vec` sized to
+/// fit while there are few (an idle client subscribed to its one topic: 48 bytes, where a
+/// `BTreeMap`'s first leaf is over 500), a `BTreeMap` past [`SubMap::SMALL`].
+#[derive(Debug)]
+pub(crate) enum SubMap {
+    Small(Vec<(MqttStr, SubOptions)>),
+    /// Boxed: the enum is then no bigger than the `Vec`.
+    #[allow(clippy::box_collection)]
+    Large(Box<BTreeMap<MqttStr, SubOptions>>),
+}
+
+impl Default for SubMap {
+    fn default() -> Self {
+        SubMap::Small(Vec::new())
+    }
+}
+
+impl SubMap {
+    /// Most entries kept in the `Vec` (inserting into it moves the entries after).
+    const SMALL: usize = 16;
+
+    pub(crate) fn insert(&mut self, k: MqttStr, v: SubOptions) -> Option<SubOptions> {
+        match self {
+            SubMap::Small(entries) => match entries.binary_search_by(|(f, _)| f.as_str().cmp(&k)) {
+                Ok(i) => entries.get_mut(i).map(|e| std::mem::replace(&mut e.1, v)),
+                Err(i) if entries.len() < Self::SMALL => {
+                    entries.reserve_exact(1);
+                    entries.insert(i, (k, v));
+                    None
+                }
+                Err(_) => {
+                    let mut map: BTreeMap<MqttStr, SubOptions> =
+                        std::mem::take(entries).into_iter().collect();
+                    map.insert(k, v);
+                    *self = SubMap::Large(Box::new(map));
+                    None
+                }
+            },
+            SubMap::Large(map) => map.insert(k, v),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, k: &str) -> Option<SubOptions> {
+        match self {
+            SubMap::Small(entries) => {
+                let i = entries.binary_search_by(|(f, _)| f.as_str().cmp(k)).ok()?;
+                let (_, v) = entries.remove(i);
+                if entries.is_empty() {
+                    *entries = Vec::new();
+                }
+                Some(v)
+            }
+            SubMap::Large(map) => map.remove(k),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            SubMap::Small(entries) => entries.len(),
+            SubMap::Large(map) => map.len(),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = SubMap::default();
+    }
+
+    /// Filter and options, in filter order.
+    pub(crate) fn iter(&self) -> SubIter<'_> {
+        match self {
+            SubMap::Small(entries) => SubIter::Small(entries.iter()),
+            SubMap::Large(map) => SubIter::Large(map.iter()),
+        }
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &MqttStr> {
+        self.iter().map(|(k, _)| k)
+    }
+}
+
+/// [`SubMap::iter`].
+pub(crate) enum SubIter<'a> {
+    Small(std::slice::Iter<'a, (MqttStr, SubOptions)>),
+    Large(std::collections::btree_map::Iter<'a, MqttStr, SubOptions>),
+}
+
+impl<'a> Iterator for SubIter<'a> {
+    type Item = (&'a MqttStr, &'a SubOptions);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            SubIter::Small(it) => it.next().map(|(k, v)| (k, v)),
+            SubIter::Large(it) => it.next(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a SubMap {
+    type Item = (&'a MqttStr, &'a SubOptions);
+    type IntoIter = SubIter<'a>;
+
+    fn into_iter(self) -> SubIter<'a> {
+        self.iter()
+    }
 }
 
 /// A hash map that holds 8 bytes and allocates nothing until its first entry (an empty
@@ -332,5 +438,63 @@ impl SessionState {
         self.expiring = expiring;
         self.message_ids = message_ids;
         (dropped, dropped_ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qosmos_mqtt::QoS;
+
+    fn opts(qos: QoS) -> SubOptions {
+        SubOptions {
+            options: SubscriptionOptions::with_qos(qos),
+            id: None,
+        }
+    }
+
+    /// The small and the large form keep the same map: sorted, one entry per filter, the
+    /// options of the last insert.
+    #[test]
+    fn sub_map_is_a_sorted_map_in_both_forms() {
+        let mut m = SubMap::default();
+        let mut model = BTreeMap::new();
+        // Past the small form's size and back, in an order that is not sorted.
+        let filters: Vec<String> = (0..40).map(|i| format!("t/{}", (i * 17) % 40)).collect();
+        for (n, f) in filters.iter().enumerate() {
+            let qos = if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            assert_eq!(
+                m.insert(MqttStr::from(f.as_str()), opts(qos)),
+                model.insert(MqttStr::from(f.as_str()), opts(qos))
+            );
+            // Replacing keeps one entry.
+            assert_eq!(
+                m.insert(MqttStr::from(f.as_str()), opts(QoS::AtMostOnce)),
+                Some(opts(qos))
+            );
+            model.insert(MqttStr::from(f.as_str()), opts(QoS::AtMostOnce));
+            assert_eq!(m.len(), model.len());
+            assert!(m.iter().eq(model.iter()));
+            if n == 5 {
+                assert!(matches!(m, SubMap::Small(_)));
+            }
+        }
+        assert!(matches!(m, SubMap::Large(_)));
+        for f in &filters[..30] {
+            assert_eq!(m.remove(f), model.remove(f.as_str()));
+            assert_eq!(m.remove(f), None);
+        }
+        assert!(m.keys().eq(model.keys()));
+        m.clear();
+        assert_eq!(m.len(), 0);
+        let mut small = SubMap::default();
+        small.insert(MqttStr::from("a"), opts(QoS::AtLeastOnce));
+        assert_eq!(small.remove("a"), Some(opts(QoS::AtLeastOnce)));
+        assert_eq!(small.remove("a"), None);
+        assert!(matches!(&small, SubMap::Small(v) if v.capacity() == 0));
     }
 }
