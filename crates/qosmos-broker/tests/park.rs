@@ -220,3 +220,37 @@ async fn a_parked_connection_lost_publishes_its_will() {
     ));
     b.stop().await;
 }
+
+/// Past 256 connections a new one is parked right after its CONNACK when nothing came with
+/// its CONNECT: clients that send at once (while it parks) are answered all the same.
+#[tokio::test]
+async fn connections_parked_at_connect_answer_what_comes_at_once() {
+    let b = TestBroker::start(limits()).await;
+    let mut idle = Vec::new();
+    for i in 0..256 {
+        let (c, _) = RawClient::connect(
+            b.addr,
+            RawClient::connect_packet(V, &format!("p-many-{i}"), true),
+        )
+        .await;
+        idle.push(c);
+    }
+    for i in 0..40 {
+        let (mut c, ack) = RawClient::connect(
+            b.addr,
+            RawClient::connect_packet(V, &format!("p-now-{i}"), true),
+        )
+        .await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+        c.send(&subscribe(&format!("p/now/{i}"), QoS::AtLeastOnce))
+            .await;
+        assert!(matches!(c.expect().await, Packet::SubAck(_)));
+        c.send(&Packet::PingReq).await;
+        assert_eq!(c.expect().await, Packet::PingResp);
+        idle.push(c);
+    }
+    // Every one of them parks (the last ones at once, the others at the sweep).
+    wait_parked(&b, 296).await;
+    assert_eq!(b.metric("clients_connected"), 296);
+    b.stop().await;
+}
