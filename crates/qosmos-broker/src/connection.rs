@@ -258,8 +258,9 @@ impl Drop for Slot {
 /// waits: the connection, its socket and a [`Wake`] polled in place, no timer (the keep-alive
 /// sweep wakes it when due). The CONNECT handshake, the handling of what was read or woken,
 /// and the end each run in a future boxed for the time they take. An idle connection holds no
-/// task at all: it is parked right after its CONNACK if nothing else came, and whenever it
-/// was idle for a whole keep-alive sweep period.
+/// task at all: it is parked whenever it was idle for a whole keep-alive sweep period, and
+/// right after its CONNACK if nothing else came and the broker has many connections
+/// ([`PARK_AT_CONNECT_FROM`]).
 pub(crate) fn serve(
     hub: Arc<Hub>,
     stream: TcpStream,
