@@ -5,17 +5,19 @@ use crate::config::Limits;
 use crate::durable::{StoreGuard, storable, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
+use crate::park::Parker;
 use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
 use crate::store::Record;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use qosmos_mqtt::state::{AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError};
 use qosmos_mqtt::{
     ConnAck, Connect, DecodeError, Decoder, Disconnect, Encoder, LastWill, MqttStr, Packet,
-    PacketId, Properties, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
+    PacketId, Properties, Property, PropertyId, ProtocolVersion, PubRel, Publish, QoS, ReasonCode,
     RetainHandling, Role, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -76,6 +78,28 @@ enum Post {
         messages: Vec<(Publish, QoS, Option<u64>)>,
         ids: Vec<u32>,
     },
+}
+
+/// A copy of a string that is a slice of a read buffer, for what is kept longer than the
+/// packet: the slice would keep the whole buffer allocated.
+fn owned_str(s: &MqttStr) -> MqttStr {
+    MqttStr::from(s.as_str())
+}
+
+/// A copy of properties whose strings and bytes are slices of a read buffer (see
+/// [`owned_str`]).
+fn owned_properties(props: &Properties) -> Properties {
+    props
+        .iter()
+        .map(|p| match p {
+            Property::ContentType(s) => Property::ContentType(owned_str(s)),
+            Property::ResponseTopic(s) => Property::ResponseTopic(owned_str(s)),
+            Property::CorrelationData(b) => Property::CorrelationData(Bytes::copy_from_slice(b)),
+            Property::UserProperty(k, v) => Property::UserProperty(owned_str(k), owned_str(v)),
+            Property::ReasonString(s) => Property::ReasonString(owned_str(s)),
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// The protocol level byte of a version, as the store records it.
@@ -196,6 +220,10 @@ enum Event {
     Woken { readable: bool },
     /// The broker is shutting down.
     Shutdown,
+    /// Bytes were read into the read buffer (when a parked connection is resumed).
+    Data,
+    /// Nothing to do, and the connection is to park (not handled by `step`).
+    Park,
 }
 
 /// A connection's place under the connection limit, given back when the connection ends (or
@@ -223,34 +251,161 @@ impl Drop for Slot {
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end (or until it is parked, see [`crate::park`]).
 ///
 /// Memory per idle connection is a measured goal (BENCHMARKS.md), and a task's memory is the
 /// size of its future, which is that of its largest state. So the task holds little while it
 /// waits: the connection, its socket and a [`Wake`] polled in place, no timer (the keep-alive
 /// sweep wakes it when due). The CONNECT handshake, the handling of what was read or woken,
-/// and the end each run in a future boxed for the time they take.
+/// and the end each run in a future boxed for the time they take. An idle connection holds no
+/// task at all: it is parked whenever it was idle for a whole keep-alive sweep period, and
+/// right after its CONNACK if nothing else came and the broker has many connections
+/// ([`PARK_AT_CONNECT_FROM`]).
 pub(crate) fn serve(
     hub: Arc<Hub>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: Slot,
+    parker: Arc<Parker>,
 ) -> impl Future<Output = ()> + Send {
     // Boxed before the task's future is made, so that its arguments are not part of it.
-    let handshake = Box::pin(handshake(hub, stream, peer));
+    let handshake = Box::pin(handshake(hub, stream, peer, parker));
     async move {
-        let Some((mut conn, mut io, mut rbuf, mut decoder)) = handshake.await else {
+        let Some((conn, io, rbuf, decoder)) = handshake.await else {
             return;
         };
         Metrics::inc(&conn.hub.metrics.clients_connected);
+        run(conn, io, rbuf, decoder, slot, Some(Event::Start)).await;
+    }
+}
+
+/// From how many connected clients a new connection is parked right after its CONNACK when
+/// nothing else came with its CONNECT, instead of at the first keep-alive sweep that finds it
+/// idle (0.5–1 s later). Resuming costs a connection's first packet two thread hand-offs (the
+/// poller thread, then a tokio worker): measured, 9% of the QoS 2 `pairs` benchmark's
+/// throughput, whose 100 publishers connect and then all start at once. Below this many
+/// connections, what parking at once saves (about 0.7 kB each, for under a second) does not
+/// matter; above it, it keeps a burst of connections from holding a task each.
+const PARK_AT_CONNECT_FROM: u64 = 256;
+
+/// An idle connection without a task: what its task held while it waited, with its socket
+/// taken back from tokio. Lives in the [`Parker`]'s slab.
+pub(crate) struct Parked {
+    conn: Conn,
+    socket: std::net::TcpStream,
+    decoder: Decoder,
+    slot: Slot,
+}
+
+impl Parked {
+    /// The connection's socket.
+    pub(crate) fn socket(&self) -> &std::net::TcpStream {
+        &self.socket
+    }
+}
+
+/// A parked connection's task again: its socket registered with tokio again, waiting for
+/// what woke it.
+///
+/// What the socket holds is read first, before it is registered with tokio again: a client
+/// that sent DISCONNECT or closed is then done with in one go, without waiting for tokio to
+/// report the socket readable (thousands of clients closing at once would otherwise hold a
+/// task and a registration each meanwhile). The loop is boxed, so that a resumed task waiting
+/// to run holds only the parked state.
+pub(crate) async fn resume(parked: Parked) {
+    let Parked {
+        mut conn,
+        mut socket,
+        decoder,
+        slot,
+    } = parked;
+    let mut rbuf = BytesMut::new();
+    let first = match read_parked(&mut socket, &mut rbuf) {
+        Ok(true) => {
+            conn.keep_alive_received();
+            Some(Event::Data)
+        }
+        Ok(false) => None,
+        Err(()) => {
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            Box::pin(conn.finish(End::Lost, None)).await;
+            return;
+        }
+    };
+    match TcpStream::from_std(socket) {
+        Ok(io) => Box::pin(run(conn, io, rbuf, decoder, slot, first)).await,
+        Err(e) => {
+            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot resume a parked connection");
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            Box::pin(conn.finish(End::Lost, None)).await;
+        }
+    }
+}
+
+/// Reads what a parked connection's socket holds (it is non-blocking): `Ok(true)` when
+/// something was read, `Ok(false)` when nothing was there, `Err` when the socket is closed or
+/// failed.
+fn read_parked(socket: &mut std::net::TcpStream, rbuf: &mut BytesMut) -> Result<bool, ()> {
+    use std::io::Read;
+    let mut buf = [0u8; 2048];
+    loop {
+        return match socket.read(&mut buf) {
+            Ok(0) => Err(()),
+            Ok(n) => {
+                rbuf.extend_from_slice(buf.get(..n).unwrap_or_default());
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => Err(()),
+        };
+    }
+}
+
+/// The connection's loop: handles `first`, then waits for events and handles them, until
+/// the connection ends or is parked.
+///
+/// Not an `async fn`: that would move its arguments into locals of the future, which would
+/// then hold both (the future is the task's size); an `async move` block uses them in place.
+#[allow(clippy::manual_async_fn)]
+fn run(
+    mut conn: Conn,
+    mut io: TcpStream,
+    mut rbuf: BytesMut,
+    mut decoder: Decoder,
+    mut slot: Slot,
+    first: Option<Event>,
+) -> impl Future<Output = ()> + Send {
+    async move {
         // Written out here rather than in a method, so that the wait holds no more than it
         // needs: each event is handled in a boxed `step`, the wait itself is three references.
-        let mut event = Event::Start;
+        let mut next = first;
+        // A new connection parks at once if nothing else came with its CONNECT and the broker
+        // has many connections (see [`PARK_AT_CONNECT_FROM`]); a resumed one only when the
+        // sweep finds it idle (else a socket that tokio reports readable a moment after
+        // registering it would park again at once).
+        let mut park_now = first == Some(Event::Start)
+            && conn.hub.metrics.clients_connected.load(Ordering::Relaxed) >= PARK_AT_CONNECT_FROM;
         let end = loop {
-            if let Some(end) = Box::pin(conn.step(event, &mut io, &mut rbuf, &mut decoder)).await {
+            if let Some(event) = next.take()
+                && let Some(end) =
+                    Box::pin(conn.step(event, &mut io, &mut rbuf, &mut decoder)).await
+            {
                 break end;
             }
-            event = conn.wait(&io, &slot).await;
+            match conn.wait(&io, &slot, park_now).await {
+                Event::Park => {
+                    park_now = false;
+                    if rbuf.is_empty() {
+                        match park(conn, io, decoder, slot) {
+                            Ok(()) => return,
+                            Err(Some(back)) => (conn, io, decoder, slot) = back,
+                            Err(None) => return,
+                        }
+                    }
+                }
+                event => next = Some(event),
+            }
         };
         Metrics::dec(&conn.hub.metrics.clients_connected);
         // Counted here, once per connection, so that every way of ending with a protocol error
@@ -258,7 +413,54 @@ pub(crate) fn serve(
         if let End::ProtocolError(_) = end {
             Metrics::inc(&conn.hub.metrics.protocol_errors);
         }
-        Box::pin(conn.finish(end, &mut io)).await;
+        Box::pin(conn.finish(end, Some(&mut io))).await;
+    }
+}
+
+/// What [`park`] gives back when the connection could not be parked.
+type Unparked = (Conn, TcpStream, Decoder, Slot);
+
+/// Parks an idle connection: its task ends, its socket leaves tokio for the [`Parker`]'s
+/// poller. `Err(Some)` gives the connection back when it cannot be parked or was woken while
+/// parking; `Err(None)` when it ended (its socket lost).
+#[allow(clippy::result_large_err)] // moved once per parking, which is rare
+fn park(conn: Conn, io: TcpStream, decoder: Decoder, slot: Slot) -> Result<(), Option<Unparked>> {
+    let socket = match io.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            // Deregistering failed: nothing more can be done with this socket.
+            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot park a connection");
+            Metrics::dec(&conn.hub.metrics.clients_connected);
+            tokio::spawn(conn.finish(End::Lost, None));
+            return Err(None);
+        }
+    };
+    let wake = conn.waker.clone();
+    let permits = slot.0.clone();
+    let parker = wake.parker().clone();
+    match parker.park(Parked {
+        conn,
+        socket,
+        decoder,
+        slot,
+    }) {
+        Ok(key) => {
+            wake.parked(key);
+            // A wake-up (or the shutdown) that came before the key was recorded found no one
+            // to resume: resume now. The shutdown closes the permits before it drains.
+            if wake.is_woken() || permits.is_closed() {
+                parker.unpark(key);
+            }
+            Ok(())
+        }
+        Err(p) => match TcpStream::from_std(p.socket) {
+            Ok(io) => Err(Some((p.conn, io, p.decoder, p.slot))),
+            Err(_) => {
+                Metrics::dec(&p.conn.hub.metrics.clients_connected);
+                tokio::spawn(p.conn.finish(End::Lost, None));
+                Err(None)
+            }
+        },
     }
 }
 
@@ -267,6 +469,7 @@ async fn handshake(
     hub: Arc<Hub>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    parker: Arc<Parker>,
 ) -> Option<(Conn, TcpStream, BytesMut, Decoder)> {
     let _ = stream.set_nodelay(true);
     let mut rbuf = BytesMut::with_capacity(CONNECT_READ);
@@ -310,7 +513,7 @@ async fn handshake(
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(_)) => return None, // the decoder accepts only CONNECT first
     };
-    let conn = Conn::accept(hub, connect, peer, &mut stream).await?;
+    let conn = Conn::accept(hub, connect, peer, &mut stream, parker).await?;
     if rbuf.is_empty() {
         // An idle connection holds no read buffer.
         rbuf = BytesMut::new();
@@ -372,14 +575,12 @@ impl KeepAliveTimer {
     }
 }
 
-/// A connection past its CONNECT.
+/// A connection past its CONNECT. What an idle one holds while parked (its client id is its
+/// session's, not a copy).
 struct Conn {
     hub: Arc<Hub>,
     id: u64,
     session: Arc<Session>,
-    client_id: Arc<str>,
-    /// The client identifier as records carry it.
-    client_str: MqttStr,
     version: ProtocolVersion,
     encoder: Encoder,
     waker: Arc<Wake>,
@@ -403,6 +604,7 @@ impl Conn {
         c: Connect,
         peer: SocketAddr,
         wr: &mut TcpStream,
+        parker: Arc<Parker>,
     ) -> Option<Conn> {
         let v = c.protocol;
         let refuse = |code: ReasonCode| {
@@ -456,7 +658,7 @@ impl Conn {
         }
         let client_receive_maximum = c.properties.receive_maximum().unwrap_or(u16::MAX);
         let client_max_packet_size = c.properties.maximum_packet_size().unwrap_or(u32::MAX);
-        let waker = Arc::new(Wake::default());
+        let waker = Arc::new(Wake::new(parker));
         let connection = Connection {
             id,
             waker: waker.clone(),
@@ -591,20 +793,39 @@ impl Conn {
             hub,
             id,
             session,
-            client_str: MqttStr::from(&*client_id),
-            client_id,
             version: v,
             encoder,
             waker,
-            will: c.will.map(Box::new),
+            // Copied: the CONNECT's will is a slice of the CONNECT's read buffer.
+            will: c.will.map(|w| {
+                Box::new(LastWill {
+                    topic: owned_str(&w.topic),
+                    payload: Bytes::copy_from_slice(&w.payload),
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: owned_properties(&w.properties),
+                })
+            }),
             aliases: SmallMap::default(),
             connect_expiry: expiry,
             wbuf,
         })
     }
 
-    /// Waits for the next event (what an idle connection does, and holds while it does).
-    fn wait<'a>(&'a self, io: &'a TcpStream, slot: &'a Slot) -> impl Future<Output = Event> + 'a {
+    /// Notes that the client sent something (for the keep alive).
+    fn keep_alive_received(&mut self) {
+        self.keep_alive.received(self.hub.started);
+    }
+
+    /// Waits for the next event (what a connection does between two, and holds while it
+    /// does); [`Event::Park`] when there is none and `park_now` or the keep-alive sweep asked
+    /// it to park.
+    fn wait<'a>(
+        &'a self,
+        io: &'a TcpStream,
+        slot: &'a Slot,
+        park_now: bool,
+    ) -> impl Future<Output = Event> + 'a {
         self.waker
             .set_deadline(self.keep_alive.deadline(self.hub.started), self.hub.started);
         let waker = &self.waker;
@@ -622,6 +843,7 @@ impl Conn {
             match io.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
                 Poll::Ready(Err(_)) => Poll::Ready(Event::Lost),
+                Poll::Pending if park_now || waker.take_park_request() => Poll::Ready(Event::Park),
                 Poll::Pending => Poll::Pending,
             }
         })
@@ -638,16 +860,18 @@ impl Conn {
     ) -> Option<End> {
         let mut read = false;
         let mut readable = false;
+        self.waker.active();
         match event {
             // Packets a client sent right behind its CONNECT, in the same read.
             Event::Start => read = !rbuf.is_empty(),
+            Event::Data => read = true,
             Event::Readable => readable = true,
             Event::Lost => return Some(End::Lost),
             Event::Woken { readable: r } => {
                 readable = r;
                 if self.keep_alive.expired(self.hub.started) {
                     Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
-                    tracing::info!(client = %self.client_id, "keep alive expired");
+                    tracing::info!(client = %self.session.client_id, "keep alive expired");
                     self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                     let _ = io.write_all(&self.wbuf).await;
                     return Some(End::KeepAlive);
@@ -658,6 +882,7 @@ impl Conn {
                 let _ = io.write_all(&self.wbuf).await;
                 return Some(End::Shutdown);
             }
+            Event::Park => {}
         }
         if readable {
             // The read buffer exists only while there is something to read: an idle
@@ -734,7 +959,7 @@ impl Conn {
             if end.is_none()
                 && let Some(e) = bad
             {
-                tracing::info!(client = %self.client_id, error = %e, "closing connection: bad packet");
+                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: bad packet");
                 self.send_disconnect(&mut batch, e.reason_code());
                 end = Some(End::ProtocolError(e.reason_code()));
             }
@@ -761,7 +986,7 @@ impl Conn {
         if let Some(commit) = commit
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
+            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
             self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
             return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
         }
@@ -802,7 +1027,7 @@ impl Conn {
             && let Some(commit) = store.submit(records)
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.client_id, error = %e, "the write-ahead log failed: closing the connection");
+            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection");
             return Err(End::Lost);
         }
         if !self.wbuf.is_empty() {
@@ -846,7 +1071,7 @@ impl Conn {
                     .ticket_of(packet_id)
                     .and_then(|t| st.message_ids.get(&t).copied());
                 if let Some(message_id) = id {
-                    let client_id = self.client_str.clone();
+                    let client_id = self.session.client_str.clone();
                     records.push(if released {
                         Record::Released {
                             client_id,
@@ -887,7 +1112,7 @@ impl Conn {
 
     fn encode(&mut self, p: &Packet) {
         if let Err(e) = self.encoder.encode(p, &mut self.wbuf) {
-            tracing::warn!(client = %self.client_id, error = %e, packet = %p.packet_type(), "packet not sent");
+            tracing::warn!(client = %self.session.client_id, error = %e, packet = %p.packet_type(), "packet not sent");
         }
     }
 
@@ -909,7 +1134,7 @@ impl Conn {
 
     /// Whether this session's state is in the durable store.
     fn durable(&self, guard: Option<&StoreGuard<'_>>) -> bool {
-        guard.is_some_and(|g| g.has_session(&self.client_id))
+        guard.is_some_and(|g| g.has_session(&self.session.client_id))
             && self.session.lock().expiry_interval > 0
     }
 
@@ -919,7 +1144,7 @@ impl Conn {
     fn completed(&self, batch: &mut Batch, id: Option<u64>) {
         if let Some(message_id) = id {
             batch.lazy.push(Record::Delivered {
-                client_id: self.client_str.clone(),
+                client_id: self.session.client_str.clone(),
                 message_id,
             });
         }
@@ -989,7 +1214,7 @@ impl Conn {
                 drop(st);
                 if res.is_ok() && self.durable(guard.as_deref()) {
                     batch.records.push(Record::ReleaseDone {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         packet_id: r.packet_id,
                     });
                 }
@@ -1023,7 +1248,7 @@ impl Conn {
                     st.expiry_interval = e;
                     if durable && e > 0 {
                         batch.records.push(Record::SessionUpsert {
-                            client_id: self.client_str.clone(),
+                            client_id: self.session.client_str.clone(),
                             protocol_level: protocol_level(st.version),
                             expiry_interval: e,
                         });
@@ -1055,7 +1280,7 @@ impl Conn {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
-                tracing::info!(client = %self.client_id, error = %e, "closing connection: protocol error");
+                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: protocol error");
                 self.send_disconnect(batch, e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
             }
@@ -1087,18 +1312,26 @@ impl Conn {
                     }
                 }
             } else {
-                self.aliases.insert(alias, p.topic.clone());
+                // A copy: the topic is a slice of the read buffer.
+                self.aliases.insert(alias, owned_str(&p.topic));
             }
             p.properties.remove(PropertyId::TopicAlias);
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
         let accepted = self.session.lock().incoming.handle_publish(p);
-        let msg = match accepted {
+        let mut msg = match accepted {
             Ok(Some(m)) => m,
             Ok(None) => return None, // a QoS 2 resend: already routed once
             Err(e) => return self.state_result(batch, Err(e)),
         };
+        if msg.retain {
+            // Kept by the broker until replaced: copied out of the read buffer (8 kB) that
+            // its slices would keep allocated.
+            msg.topic = owned_str(&msg.topic);
+            msg.payload = Bytes::copy_from_slice(&msg.payload);
+            msg.properties = owned_properties(&msg.properties);
+        }
         if msg.topic.starts_with("$SYS") {
             // Clients may not publish into the broker's own statistics.
             if let Some(id) = packet_id {
@@ -1111,13 +1344,16 @@ impl Conn {
         {
             // Remembered durably before PUBREC: a resend after a crash is not a new message.
             batch.records.push(Record::AwaitingRelease {
-                client_id: self.client_str.clone(),
+                client_id: self.session.client_str.clone(),
                 packet_id: id,
             });
         }
-        let routed = self
-            .hub
-            .prepare(msg, Some(&self.client_id), guard, &mut batch.records);
+        let routed = self.hub.prepare(
+            msg,
+            Some(&self.session.client_id),
+            guard,
+            &mut batch.records,
+        );
         let code = if routed.len() == 0 {
             Metrics::inc(&self.hub.metrics.messages_unrouted);
             ReasonCode::NO_MATCHING_SUBSCRIBERS
@@ -1170,15 +1406,18 @@ impl Conn {
                 options: sub.options,
                 id,
             };
-            let existed = self.hub.subscribe(&self.session, &sub.filter, opts);
+            // A copy: the packet's filter is a slice of the read buffer, which it would keep
+            // allocated (8 kB) for as long as the subscription lasts.
+            let filter = owned_str(&sub.filter);
+            let existed = self.hub.subscribe(&self.session, &filter, opts);
             self.session
                 .lock()
                 .subscriptions
-                .insert(sub.filter.clone(), opts);
+                .insert(filter.clone(), opts);
             if durable {
                 batch.records.push(Record::Subscribe {
-                    client_id: self.client_str.clone(),
-                    filter: sub.filter.clone(),
+                    client_id: self.session.client_str.clone(),
+                    filter,
                     options: sub.options,
                     subscription_id: id,
                 });
@@ -1206,11 +1445,11 @@ impl Conn {
                     if durable
                         && qos != QoS::AtMostOnce
                         && g.has_message(mid)
-                        && !g.owes(&self.client_id, mid)
+                        && !g.owes(&self.session.client_id, mid)
                         && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
                 {
                     batch.records.push(Record::Enqueue {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         message_id: mid,
                         qos,
                         retain: true,
@@ -1244,11 +1483,11 @@ impl Conn {
         let durable = self.durable(guard.as_deref());
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.hub.unsubscribe(&self.client_id, f);
+            let existed = self.hub.unsubscribe(&self.session.client_id, f);
             self.session.lock().subscriptions.remove(f);
             if durable && existed {
                 batch.records.push(Record::Unsubscribe {
-                    client_id: self.client_str.clone(),
+                    client_id: self.session.client_str.clone(),
                     filter: f.clone(),
                 });
             }
@@ -1272,17 +1511,20 @@ impl Conn {
 
     /// Detaches from the session (unless it was taken over), expires it as configured, and
     /// publishes the will when the connection did not end normally.
-    async fn finish(self, end: End, wr: &mut TcpStream) {
-        if end == End::TakenOver && self.version == ProtocolVersion::V5 {
-            let _ = write_packet(
-                wr,
-                self.version,
-                &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
-            )
-            .await;
+    /// `wr` is `None` when the socket was lost on the way (it could not be parked or resumed).
+    async fn finish(self, end: End, wr: Option<&mut TcpStream>) {
+        if let Some(wr) = wr {
+            if end == End::TakenOver && self.version == ProtocolVersion::V5 {
+                let _ = write_packet(
+                    wr,
+                    self.version,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+                )
+                .await;
+            }
+            let _ = wr.shutdown().await;
         }
-        let _ = wr.shutdown().await;
-        tracing::debug!(client = %self.client_id, ?end, "disconnected");
+        tracing::debug!(client = %self.session.client_id, ?end, "disconnected");
         let hub = &self.hub;
         let mut expiry = 0;
         let detached = if end == End::TakenOver {
@@ -1330,14 +1572,14 @@ impl Conn {
                 properties,
             };
             if delay == 0 {
-                publish_will(hub, p, &self.client_id, false).await;
+                publish_will(hub, p, &self.session.client_id, false).await;
             } else {
                 let due = Instant::now() + Duration::from_secs(u64::from(delay));
                 if let Some(store) = &hub.store {
                     // Owed durably: a restart re-arms it (a persistent session only; a will
                     // cannot outlive its session, see the `min(expiry)` above).
                     let commit = store.submit(vec![Record::WillPending {
-                        client_id: self.client_str.clone(),
+                        client_id: self.session.client_str.clone(),
                         publish: storable(&p),
                         due_unix_ms: unix_ms_of(due),
                     }]);
@@ -1363,11 +1605,8 @@ pub(crate) async fn keep_alive_sweep(hub: Arc<Hub>) {
     loop {
         tick.tick().await;
         let now_ms = u64::try_from(hub.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        for_each_connection(&hub, |c| {
-            if c.waker.due(now_ms) {
-                c.waker.notify_one();
-            }
-        });
+        // Also asks the connections idle since the previous sweep to park.
+        for_each_connection(&hub, |c| c.waker.sweep(now_ms));
     }
 }
 
@@ -1479,9 +1718,50 @@ pub(crate) async fn refuse_busy(hub: Arc<Hub>, stream: TcpStream) {
 mod tests {
     use super::*;
 
+    /// What is kept longer than its packet (a subscription's filter, a will, a topic alias, a
+    /// retained message) is copied out of the read buffer: a slice would keep the whole
+    /// buffer (8 kB) allocated, which made a subscribed idle connection cost 4 kB more.
+    #[test]
+    fn kept_strings_do_not_point_into_the_read_buffer() {
+        let frame = Bytes::from_static(b"orders/store-1/new+ct+k+v");
+        let within = |b: &[u8]| {
+            let r = frame.as_ptr_range();
+            r.contains(&b.as_ptr())
+        };
+        let topic = MqttStr::from_utf8(frame.slice(0..18)).expect("utf-8");
+        assert!(within(topic.as_str().as_bytes()));
+        let owned = owned_str(&topic);
+        assert_eq!(owned, topic);
+        assert!(!within(owned.as_str().as_bytes()));
+        let mut props = Properties::new();
+        props.push(Property::ContentType(
+            MqttStr::from_utf8(frame.slice(19..21)).expect("utf-8"),
+        ));
+        props.push(Property::UserProperty(
+            MqttStr::from_utf8(frame.slice(22..23)).expect("utf-8"),
+            MqttStr::from_utf8(frame.slice(24..25)).expect("utf-8"),
+        ));
+        props.push(Property::CorrelationData(frame.slice(0..6)));
+        let copy = owned_properties(&props);
+        assert_eq!(copy, props);
+        for p in copy.iter() {
+            match p {
+                Property::ContentType(s) => assert!(!within(s.as_str().as_bytes())),
+                Property::UserProperty(k, v) => {
+                    assert!(!within(k.as_str().as_bytes()));
+                    assert!(!within(v.as_str().as_bytes()));
+                }
+                Property::CorrelationData(b) => assert!(!within(b)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     /// What an idle connection holds, in bytes, must not silently grow back (memory per idle
-    /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). The task's size is
-    /// that of the `serve` future; the bounds hold for debug builds, release ones are smaller.
+    /// connection is a measured goal: BENCHMARKS.md, `bench/compare.sh`). An idle connection
+    /// is parked: its slab entry (`Parked`), its `Wake` and its session. The task's size (that
+    /// of the `serve` future) is what a busy connection holds; the bounds hold for debug
+    /// builds, release ones are smaller.
     #[tokio::test]
     async fn idle_connection_state_stays_small() {
         let hub = Arc::new(Hub::new(Limits::default(), None));
@@ -1493,12 +1773,14 @@ mod tests {
         let (stream, peer) = listener.accept().await.expect("accept");
         let permits = Arc::new(Semaphore::new(1));
         let slot = Slot::take(&permits).expect("a free slot");
-        let task = serve(hub, stream, peer, slot);
+        let parker = Parker::start(tokio::runtime::Handle::current(), &hub).expect("poller");
+        let task = serve(hub, stream, peer, slot, parker.clone());
         let sizes = [
-            ("serve future", std::mem::size_of_val(&task), 288),
+            ("Parked", std::mem::size_of::<Parked>(), 176),
+            ("serve future", std::mem::size_of_val(&task), 456),
             ("Conn", std::mem::size_of::<Conn>(), 152),
             ("KeepAliveTimer", std::mem::size_of::<KeepAliveTimer>(), 16),
-            ("Wake", std::mem::size_of::<Wake>(), 48),
+            ("Wake", std::mem::size_of::<Wake>(), 56),
             ("Connection", std::mem::size_of::<Connection>(), 48),
             ("SessionState", std::mem::size_of::<SessionState>(), 320),
         ];

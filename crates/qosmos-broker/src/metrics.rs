@@ -32,6 +32,8 @@ metrics! {
     connections_total: "counter",
     /// Clients connected now.
     clients_connected: "gauge",
+    /// Connected clients parked now: idle, without a task of their own.
+    connections_parked: "gauge",
     /// Connections refused because max_connections was reached.
     connections_refused_limit: "counter",
     /// Connections closed because CONNECT did not arrive in time.

@@ -5,10 +5,12 @@ use crate::config::Config;
 use crate::durable::{OpenError, Store};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::park::{Parker, StopOnDrop};
 use crate::store::StoreError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -32,6 +34,9 @@ pub enum BrokerError {
     /// The data directory could not be opened, or holds state this build cannot read.
     #[error(transparent)]
     Store(#[from] OpenError),
+    /// The poller for idle connections could not be started.
+    #[error("cannot start the idle-connection poller: {0}")]
+    Poller(std::io::Error),
 }
 
 impl BrokerError {
@@ -124,6 +129,13 @@ impl Broker {
             http,
             hub,
         } = self;
+        // Polled once before anything else: a signal handler behind `shutdown` is installed at
+        // its first poll, and the listener already accepts, so a client (or a supervisor)
+        // may act as soon as it is bound; starting the poller thread first widened that window
+        // enough for an early SIGTERM to kill the process the default way.
+        tokio::pin!(shutdown);
+        let mut stopped =
+            std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx).is_ready())).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = JoinSet::new();
         if let Some(http) = http {
@@ -142,25 +154,32 @@ impl Broker {
         if let Some(every) = hub.limits.sys_interval {
             background.spawn(crate::sys::publish_loop(hub.clone(), every));
         }
+        let parker =
+            Parker::start(tokio::runtime::Handle::current(), &hub).map_err(BrokerError::Poller)?;
+        // Stops the poller thread however `run` ends (its future may be dropped).
+        let _stop_parker = StopOnDrop(parker.clone());
         let permits = Arc::new(Semaphore::new(hub.limits.max_connections));
-        let mut connections = JoinSet::new();
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "MQTT broker listening");
-        tokio::pin!(shutdown);
-        loop {
+        while !stopped {
             tokio::select! {
-                _ = &mut shutdown => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = &mut shutdown => stopped = true,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let hub = hub.clone();
                         match crate::connection::Slot::take(&permits) {
                             Some(slot) => {
-                                connections.spawn(crate::connection::serve(hub, stream, peer, slot));
+                                parker.spawn(crate::connection::serve(
+                                    hub,
+                                    stream,
+                                    peer,
+                                    slot,
+                                    parker.clone(),
+                                ));
                             }
                             None => {
                                 Metrics::inc(&hub.metrics.connections_refused_limit);
                                 tracing::warn!(%peer, "connection limit reached: refusing");
-                                connections.spawn(crate::connection::refuse_busy(hub, stream));
+                                parker.spawn(crate::connection::refuse_busy(hub, stream));
                             }
                         }
                     }
@@ -176,12 +195,13 @@ impl Broker {
         let _ = stop_tx.send(true);
         // A connection's shutdown signal is the connection limit's semaphore closing (a watch
         // future polled by every idle connection would make each bigger): it sees it when woken.
+        // Parked connections are resumed by their wake-up, and any the sessions do not reach
+        // by the drain; one parking meanwhile sees the semaphore closed and resumes itself.
         permits.close();
         crate::connection::wake_all(&hub);
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
+        parker.drain();
+        let _ = tokio::time::timeout(Duration::from_secs(5), parker.join()).await;
+        parker.stop();
         background.abort_all();
         // Wait for the aborted tasks to be dropped: then the admin listener is closed when
         // `run` returns, and the broker can be bound again on the same address at once.

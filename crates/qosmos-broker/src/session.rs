@@ -1,12 +1,13 @@
 //! A client's session: its subscriptions and the QoS state in both directions, which outlive
 //! the connection when the session is persistent.
 
+use crate::park::{Key, Parker};
 use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
 use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Instant;
@@ -35,7 +36,7 @@ pub(crate) struct SessionState {
     /// From the client: QoS 2 messages awaiting PUBREL.
     pub(crate) incoming: Incoming,
     /// Full filter (with any `$share/group/`) → options.
-    pub(crate) subscriptions: BTreeMap<MqttStr, SubOptions>,
+    pub(crate) subscriptions: SubMap,
     /// The connection that owns the session now.
     pub(crate) connection: Option<Connection>,
     /// Seconds the session outlives its connection (`u32::MAX`: forever).
@@ -54,6 +55,112 @@ pub(crate) struct SessionState {
     /// The durable message id of each delivery the store knows of (an `Enqueue` record), by
     /// its ticket in `outgoing`: names the message in `Sent`, `Released` and `Delivered`.
     pub(crate) message_ids: SmallMap<Ticket, u64>,
+}
+
+/// A session's subscriptions, filter → options, in filter order: a sorted `Vec` sized to
+/// fit while there are few (an idle client subscribed to its one topic: 48 bytes, where a
+/// `BTreeMap`'s first leaf is over 500), a `BTreeMap` past [`SubMap::SMALL`].
+#[derive(Debug)]
+pub(crate) enum SubMap {
+    Small(Vec<(MqttStr, SubOptions)>),
+    /// Boxed: the enum is then no bigger than the `Vec`.
+    #[allow(clippy::box_collection)]
+    Large(Box<BTreeMap<MqttStr, SubOptions>>),
+}
+
+impl Default for SubMap {
+    fn default() -> Self {
+        SubMap::Small(Vec::new())
+    }
+}
+
+impl SubMap {
+    /// Most entries kept in the `Vec` (inserting into it moves the entries after).
+    const SMALL: usize = 16;
+
+    pub(crate) fn insert(&mut self, k: MqttStr, v: SubOptions) -> Option<SubOptions> {
+        match self {
+            SubMap::Small(entries) => match entries.binary_search_by(|(f, _)| f.as_str().cmp(&k)) {
+                Ok(i) => entries.get_mut(i).map(|e| std::mem::replace(&mut e.1, v)),
+                Err(i) if entries.len() < Self::SMALL => {
+                    entries.reserve_exact(1);
+                    entries.insert(i, (k, v));
+                    None
+                }
+                Err(_) => {
+                    let mut map: BTreeMap<MqttStr, SubOptions> =
+                        std::mem::take(entries).into_iter().collect();
+                    map.insert(k, v);
+                    *self = SubMap::Large(Box::new(map));
+                    None
+                }
+            },
+            SubMap::Large(map) => map.insert(k, v),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, k: &str) -> Option<SubOptions> {
+        match self {
+            SubMap::Small(entries) => {
+                let i = entries.binary_search_by(|(f, _)| f.as_str().cmp(k)).ok()?;
+                let (_, v) = entries.remove(i);
+                if entries.is_empty() {
+                    *entries = Vec::new();
+                }
+                Some(v)
+            }
+            SubMap::Large(map) => map.remove(k),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            SubMap::Small(entries) => entries.len(),
+            SubMap::Large(map) => map.len(),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = SubMap::default();
+    }
+
+    /// Filter and options, in filter order.
+    pub(crate) fn iter(&self) -> SubIter<'_> {
+        match self {
+            SubMap::Small(entries) => SubIter::Small(entries.iter()),
+            SubMap::Large(map) => SubIter::Large(map.iter()),
+        }
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &MqttStr> {
+        self.iter().map(|(k, _)| k)
+    }
+}
+
+/// [`SubMap::iter`].
+pub(crate) enum SubIter<'a> {
+    Small(std::slice::Iter<'a, (MqttStr, SubOptions)>),
+    Large(std::collections::btree_map::Iter<'a, MqttStr, SubOptions>),
+}
+
+impl<'a> Iterator for SubIter<'a> {
+    type Item = (&'a MqttStr, &'a SubOptions);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            SubIter::Small(it) => it.next().map(|(k, v)| (k, v)),
+            SubIter::Large(it) => it.next(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a SubMap {
+    type Item = (&'a MqttStr, &'a SubOptions);
+    type IntoIter = SubIter<'a>;
+
+    fn into_iter(self) -> SubIter<'a> {
+        self.iter()
+    }
 }
 
 /// A hash map that holds 8 bytes and allocates nothing until its first entry (an empty
@@ -103,48 +210,108 @@ pub(crate) struct Connection {
     pub(crate) peer: SocketAddr,
 }
 
-/// How a connection task is woken. Smaller than a `Notify` and its `Notified` future, and
-/// polled in place, so that an idle connection's task stays small (memory per idle
-/// connection is a measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline
-/// that the broker's keep-alive sweep checks instead of a timer per connection.
+/// How a connection is woken. Smaller than a `Notify` and its `Notified` future, and polled
+/// in place, so that an idle connection's task stays small (memory per idle connection is a
+/// measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline that the
+/// broker's keep-alive sweep checks instead of a timer per connection, and knows whether the
+/// connection is parked without a task ([`crate::park`]), so that waking it resumes it.
 #[derive(Debug)]
 pub(crate) struct Wake {
-    woken: AtomicBool,
+    /// [`WOKEN`], [`ACTIVE`], [`PARK`].
+    flags: AtomicU8,
     /// Milliseconds since the hub started after which the keep alive is due (`u64::MAX`:
     /// never).
     deadline_ms: AtomicU64,
-    waker: Mutex<Option<Waker>>,
+    waiter: Mutex<Waiter>,
+    parker: Arc<Parker>,
 }
 
-impl Default for Wake {
-    fn default() -> Self {
-        Wake {
-            woken: AtomicBool::new(false),
-            deadline_ms: AtomicU64::new(u64::MAX),
-            waker: Mutex::new(None),
-        }
-    }
+/// A wake-up is pending.
+const WOKEN: u8 = 1;
+/// The connection handled something since the keep-alive sweep last looked.
+const ACTIVE: u8 = 2;
+/// The sweep found the connection idle: it is to park.
+const PARK: u8 = 4;
+
+/// Who waits on a [`Wake`].
+#[derive(Debug)]
+enum Waiter {
+    None,
+    /// The connection's task.
+    Task(Waker),
+    /// The connection, parked under this key.
+    Parked(Key),
 }
 
 impl Wake {
-    /// Wakes the task, or makes its next wait return at once (like `Notify::notify_one`).
+    pub(crate) fn new(parker: Arc<Parker>) -> Wake {
+        Wake {
+            flags: AtomicU8::new(0),
+            deadline_ms: AtomicU64::new(u64::MAX),
+            waiter: Mutex::new(Waiter::None),
+            parker,
+        }
+    }
+
+    /// Where the connection parks.
+    pub(crate) fn parker(&self) -> &Arc<Parker> {
+        &self.parker
+    }
+
+    fn waiter(&self) -> MutexGuard<'_, Waiter> {
+        self.waiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the task, or resumes the parked connection, or makes the next wait return at
+    /// once (like `Notify::notify_one`).
     pub(crate) fn notify_one(&self) {
-        self.woken.store(true, Ordering::Release);
-        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = waker.as_ref() {
-            w.wake_by_ref();
+        self.flags.fetch_or(WOKEN, Ordering::AcqRel);
+        let mut waiter = self.waiter();
+        match &*waiter {
+            Waiter::Task(w) => w.wake_by_ref(),
+            Waiter::Parked(key) => {
+                let key = *key;
+                *waiter = Waiter::None;
+                drop(waiter);
+                self.parker.unpark(key);
+            }
+            Waiter::None => {}
         }
     }
 
     /// Registers the task to wake, then takes a pending wake-up: true when there was one.
     pub(crate) fn poll_woken(&self, cx: &mut Context<'_>) -> bool {
         {
-            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
+            let mut waiter = self.waiter();
+            if !matches!(&*waiter, Waiter::Task(w) if w.will_wake(cx.waker())) {
+                *waiter = Waiter::Task(cx.waker().clone());
             }
         }
-        self.woken.swap(false, Ordering::AcqRel)
+        self.flags.fetch_and(!WOKEN, Ordering::AcqRel) & WOKEN != 0
+    }
+
+    /// Whether a wake-up is pending (without taking it).
+    pub(crate) fn is_woken(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & WOKEN != 0
+    }
+
+    /// Takes the sweep's request to park: true when there was one.
+    pub(crate) fn take_park_request(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & PARK != 0
+            && self.flags.fetch_and(!PARK, Ordering::AcqRel) & PARK != 0
+    }
+
+    /// Notes that the connection is busy: the sweep does not ask it to park before it has
+    /// been idle for a whole sweep period.
+    pub(crate) fn active(&self) {
+        if self.flags.load(Ordering::Relaxed) & ACTIVE == 0 {
+            self.flags.fetch_or(ACTIVE, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that the connection is parked under `key`: a wake-up resumes it.
+    pub(crate) fn parked(&self, key: Key) {
+        *self.waiter() = Waiter::Parked(key);
     }
 
     /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive).
@@ -159,6 +326,24 @@ impl Wake {
     /// of [`Wake::set_deadline`]).
     pub(crate) fn due(&self, now_ms: u64) -> bool {
         self.deadline_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// What the keep-alive sweep does for each connection, at `now_ms` (milliseconds since
+    /// the epoch of [`Wake::set_deadline`]): wakes it if its keep alive is due, else asks its
+    /// task to park if it did nothing since the previous sweep.
+    pub(crate) fn sweep(&self, now_ms: u64) {
+        if self.due(now_ms) {
+            self.notify_one();
+            return;
+        }
+        if self.flags.fetch_and(!ACTIVE, Ordering::Relaxed) & ACTIVE != 0 {
+            return;
+        }
+        let waiter = self.waiter();
+        if let Waiter::Task(w) = &*waiter {
+            self.flags.fetch_or(PARK, Ordering::AcqRel);
+            w.wake_by_ref();
+        }
     }
 }
 
@@ -253,5 +438,63 @@ impl SessionState {
         self.expiring = expiring;
         self.message_ids = message_ids;
         (dropped, dropped_ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qosmos_mqtt::QoS;
+
+    fn opts(qos: QoS) -> SubOptions {
+        SubOptions {
+            options: SubscriptionOptions::with_qos(qos),
+            id: None,
+        }
+    }
+
+    /// The small and the large form keep the same map: sorted, one entry per filter, the
+    /// options of the last insert.
+    #[test]
+    fn sub_map_is_a_sorted_map_in_both_forms() {
+        let mut m = SubMap::default();
+        let mut model = BTreeMap::new();
+        // Past the small form's size and back, in an order that is not sorted.
+        let filters: Vec<String> = (0..40).map(|i| format!("t/{}", (i * 17) % 40)).collect();
+        for (n, f) in filters.iter().enumerate() {
+            let qos = if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            assert_eq!(
+                m.insert(MqttStr::from(f.as_str()), opts(qos)),
+                model.insert(MqttStr::from(f.as_str()), opts(qos))
+            );
+            // Replacing keeps one entry.
+            assert_eq!(
+                m.insert(MqttStr::from(f.as_str()), opts(QoS::AtMostOnce)),
+                Some(opts(qos))
+            );
+            model.insert(MqttStr::from(f.as_str()), opts(QoS::AtMostOnce));
+            assert_eq!(m.len(), model.len());
+            assert!(m.iter().eq(model.iter()));
+            if n == 5 {
+                assert!(matches!(m, SubMap::Small(_)));
+            }
+        }
+        assert!(matches!(m, SubMap::Large(_)));
+        for f in &filters[..30] {
+            assert_eq!(m.remove(f), model.remove(f.as_str()));
+            assert_eq!(m.remove(f), None);
+        }
+        assert!(m.keys().eq(model.keys()));
+        m.clear();
+        assert_eq!(m.len(), 0);
+        let mut small = SubMap::default();
+        small.insert(MqttStr::from("a"), opts(QoS::AtLeastOnce));
+        assert_eq!(small.remove("a"), Some(opts(QoS::AtLeastOnce)));
+        assert_eq!(small.remove("a"), None);
+        assert!(matches!(&small, SubMap::Small(v) if v.capacity() == 0));
     }
 }
