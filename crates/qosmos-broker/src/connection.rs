@@ -302,6 +302,11 @@ impl Parked {
     pub(crate) fn socket(&self) -> &std::net::TcpStream {
         &self.socket
     }
+
+    /// What wakes the connection (a routed message, a takeover, its keep alive, shutdown).
+    pub(crate) fn wake(&self) -> &crate::session::Wake {
+        &self.conn.waker
+    }
 }
 
 /// A parked connection's task again: its socket registered with tokio again, waiting for
@@ -445,9 +450,8 @@ fn park(conn: Conn, io: TcpStream, decoder: Decoder, slot: Slot) -> Result<(), O
         slot,
     }) {
         Ok(key) => {
-            wake.parked(key);
-            // A wake-up (or the shutdown) that came before the key was recorded found no one
-            // to resume: resume now. The shutdown closes the permits before it drains.
+            // A wake-up (or the shutdown) that came before the parker recorded the key found
+            // no one to resume: resume now. The shutdown closes the permits before it drains.
             if wake.is_woken() || permits.is_closed() {
                 parker.unpark(key);
             }

@@ -39,6 +39,8 @@ pub(crate) struct Parker {
     registry: Registry,
     stop_waker: mio::Waker,
     stopping: AtomicBool,
+    /// The poller thread is gone (it panicked): connections are not parked any more.
+    broken: AtomicBool,
     /// Where resumed connections run.
     handle: Handle,
     /// The connections' tasks, so that shutdown can wait for them (and abort stragglers).
@@ -115,6 +117,7 @@ impl Parker {
             registry,
             stop_waker,
             stopping: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             handle,
             tasks: Mutex::new(JoinSet::new()),
             hub: Arc::downgrade(hub),
@@ -134,8 +137,22 @@ impl Parker {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The poller thread: resumes each connection whose socket became readable.
+    /// The poller thread: resumes each connection whose socket became readable. Should it
+    /// ever end by a panic, nothing more is parked and what is parked is resumed.
     fn watch(&self, mut poll: Poll) {
+        struct Broken<'a>(&'a Parker);
+        impl Drop for Broken<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.broken.store(true, Ordering::Release);
+                    tracing::error!(
+                        "idle-connection poller ended: connections are not parked any more"
+                    );
+                    self.0.drain();
+                }
+            }
+        }
+        let _guard = Broken(self);
         let mut events = Events::with_capacity(256);
         loop {
             if let Err(e) = poll.poll(&mut events, None) {
@@ -163,13 +180,14 @@ impl Parker {
     /// connection back when its socket cannot be registered.
     #[allow(clippy::result_large_err)] // moved once per parking, which is rare
     pub(crate) fn park(&self, parked: Parked) -> Result<Key, Parked> {
-        if self.stopping.load(Ordering::Acquire) {
-            return Err(parked);
-        }
         let fd: RawFd = parked.socket().as_raw_fd();
         // Registered under the slab's lock: whoever takes the entry (the poller thread on an
-        // event, a wake-up) finds it registered, and deregisters it.
+        // event, a wake-up) finds it registered, and deregisters it. `stopping` is set under
+        // the same lock, so nothing is parked after `stop` emptied the slab.
         let mut slab = self.slab();
+        if self.stopping.load(Ordering::Acquire) || self.broken.load(Ordering::Acquire) {
+            return Err(parked);
+        }
         let Some(index) = slab.alloc() else {
             return Err(parked);
         };
@@ -178,11 +196,17 @@ impl Parker {
         };
         let key = (u64::from(entry.generation) << 32) | u64::from(index);
         let token = Token(key as usize);
+        // The `Wake` learns the key before the poller can see the socket: recorded after
+        // this lock is released, it could overwrite the waiter of a task already resumed by
+        // the poller (a packet that came right away), which would then never be woken.
+        parked.wake().parked(key);
         if self
             .registry
             .register(&mut SourceFd(&fd), token, Interest::READABLE)
             .is_err()
         {
+            parked.wake().not_parked();
+            entry.generation = entry.generation.wrapping_add(1);
             slab.free.push(index);
             return Err(parked);
         }
@@ -224,16 +248,19 @@ impl Parker {
     }
 
     fn resume(&self, parked: Parked) {
-        if self.stopping.load(Ordering::Acquire) {
-            return; // dropped: the broker is gone
-        }
         self.spawn(crate::connection::resume(parked));
     }
 
     /// Spawns a connection's task (a new connection's or a resumed one's), reaping those that
     /// ended (a parked connection's task ends): each costs its entry in the set until then.
+    /// After [`Parker::stop`] the task is dropped instead (its socket closed): checked under
+    /// the set's lock, which `stop` takes after setting `stopping`, so no task escapes its
+    /// `abort_all`.
     pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.tasks();
+        if self.stopping.load(Ordering::Acquire) {
+            return; // dropped: the broker is gone
+        }
         while tasks.try_join_next().is_some() {}
         tasks.spawn_on(task, &self.handle);
     }
@@ -272,15 +299,15 @@ impl Parker {
     /// Stops the poller thread, aborts resumed tasks still running, and closes what is still
     /// parked (nothing is resumed any more).
     pub(crate) fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        let _ = self.stop_waker.wake();
-        self.tasks().abort_all();
         let parked: Vec<Parked> = {
             let mut slab = self.slab();
+            self.stopping.store(true, Ordering::Release);
             slab.entries()
                 .filter_map(|(_, e)| e.parked.take())
                 .collect()
         };
+        let _ = self.stop_waker.wake();
+        self.tasks().abort_all();
         if let Some(hub) = self.hub.upgrade() {
             hub.metrics
                 .connections_parked

@@ -309,9 +309,16 @@ impl Wake {
         }
     }
 
-    /// Records that the connection is parked under `key`: a wake-up resumes it.
+    /// Records that the connection is parked under `key`: a wake-up resumes it. Called by the
+    /// [`Parker`] under its slab's lock, before the socket can be seen by its poller.
     pub(crate) fn parked(&self, key: Key) {
         *self.waiter() = Waiter::Parked(key);
+    }
+
+    /// Undoes [`Wake::parked`] when the connection could not be parked after all: its task goes
+    /// on, and registers itself at its next wait (a wake-up meanwhile is kept in the flags).
+    pub(crate) fn not_parked(&self) {
+        *self.waiter() = Waiter::None;
     }
 
     /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive).

@@ -226,8 +226,10 @@ async fn a_parked_connection_lost_publishes_its_will() {
 #[tokio::test]
 async fn connections_parked_at_connect_answer_what_comes_at_once() {
     let b = TestBroker::start(limits()).await;
+    let (mut publisher, _) =
+        RawClient::connect(b.addr, RawClient::connect_packet(V, "p-pub", true)).await;
     let mut idle = Vec::new();
-    for i in 0..256 {
+    for i in 0..255 {
         let (c, _) = RawClient::connect(
             b.addr,
             RawClient::connect_packet(V, &format!("p-many-{i}"), true),
@@ -247,6 +249,17 @@ async fn connections_parked_at_connect_answer_what_comes_at_once() {
         assert!(matches!(c.expect().await, Packet::SubAck(_)));
         c.send(&Packet::PingReq).await;
         assert_eq!(c.expect().await, Packet::PingResp);
+        // A message routed right away reaches it: the connection was parked at its CONNACK
+        // and resumed by its SUBSCRIBE, maybe before the parking task had finished parking
+        // (a wake-up recorded too late would be lost).
+        publisher
+            .send(&publish(&format!("p/now/{i}"), QoS::AtLeastOnce, 1, "now"))
+            .await;
+        assert!(matches!(publisher.expect().await, Packet::PubAck(_)));
+        match c.expect().await {
+            Packet::Publish(p) => assert_eq!(&p.payload[..], b"now"),
+            other => panic!("expected the routed PUBLISH, got {other:?}"),
+        }
         idle.push(c);
     }
     // Every one of them parks (the last ones at once, the others at the sweep).
