@@ -164,7 +164,9 @@ pub struct Incoming {
     connected: bool,
     /// Exchanges with `seen` set.
     in_window: usize,
-    stats: IncomingStats,
+    /// Allocated by the first count: a broker holds an `Incoming` per session, and most of an
+    /// idle session's memory is what it holds inline.
+    stats: Option<Box<IncomingStats>>,
     /// The exchanges and replies, allocated by the first QoS 1 or 2 message: a broker holds an
     /// `Incoming` per session, and many sessions never publish.
     q: Option<Box<Queues>>,
@@ -185,7 +187,7 @@ impl Incoming {
             config,
             connected: false,
             in_window: 0,
-            stats: IncomingStats::default(),
+            stats: None,
             q: None,
         }
     }
@@ -221,7 +223,7 @@ impl Incoming {
         let qos = publish.qos;
         let packet_id = match (qos, publish.packet_id) {
             (QoS::AtMostOnce, None) => {
-                self.stats.delivered += 1;
+                self.count().delivered += 1;
                 return Ok(Some(publish));
             }
             (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(id)) => id,
@@ -251,10 +253,10 @@ impl Incoming {
                     self.send(Packet::PubRec(PubRec::new(packet_id)));
                 }
             }
-            self.stats.delivered += 1;
+            self.count().delivered += 1;
             return Ok(Some(publish));
         };
-        self.stats.duplicates += 1;
+        self.count().duplicates += 1;
         self.mark_seen(packet_id);
         match ex.stage {
             Stage::AwaitingAck(_) => {}
@@ -299,7 +301,7 @@ impl Incoming {
         {
             // The peer counts the message delivered: a refusal can no longer be said.
             if !reason.is_success() {
-                self.stats.refused += 1;
+                self.count().refused += 1;
             }
             if self.connected {
                 self.close(packet_id);
@@ -325,7 +327,7 @@ impl Incoming {
             ProtocolVersion::V5 => reason,
         };
         if !reason.is_success() {
-            self.stats.refused += 1;
+            self.count().refused += 1;
         }
         if qos == QoS::ExactlyOnce && reason.is_success() {
             self.set_stage(packet_id, Stage::AwaitingPubRel);
@@ -361,7 +363,7 @@ impl Incoming {
                 Ok(())
             }
             Some(Stage::AwaitingAck(QoS::ExactlyOnce)) if self.config.accept_early_pubrel => {
-                self.stats.early_pubrel += 1;
+                self.count().early_pubrel += 1;
                 self.set_stage(packet_id, Stage::ReleasedEarly);
                 Ok(())
             }
@@ -377,7 +379,7 @@ impl Incoming {
                 },
             }),
             None => {
-                self.stats.unknown_pubrel += 1;
+                self.count().unknown_pubrel += 1;
                 let mut comp = PubComp::new(packet_id);
                 if self.version == ProtocolVersion::V5 {
                     comp.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
@@ -484,9 +486,21 @@ impl Incoming {
         self.version
     }
 
+    /// The counters, allocated at first use.
+    fn count(&mut self) -> &mut IncomingStats {
+        self.stats.get_or_insert_with(Box::default)
+    }
+
     /// The counters.
     pub fn stats(&self) -> &IncomingStats {
-        &self.stats
+        static NONE: IncomingStats = IncomingStats {
+            delivered: 0,
+            duplicates: 0,
+            refused: 0,
+            unknown_pubrel: 0,
+            early_pubrel: 0,
+        };
+        self.stats.as_deref().unwrap_or(&NONE)
     }
 
     /// Records a new exchange whose PUBLISH just arrived.
