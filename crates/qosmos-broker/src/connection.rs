@@ -1786,7 +1786,7 @@ mod tests {
             ("KeepAliveTimer", std::mem::size_of::<KeepAliveTimer>(), 16),
             ("Wake", std::mem::size_of::<Wake>(), 56),
             ("Connection", std::mem::size_of::<Connection>(), 48),
-            ("SessionState", std::mem::size_of::<SessionState>(), 320),
+            ("SessionState", std::mem::size_of::<SessionState>(), 240),
         ];
         for (what, size, bound) in sizes {
             assert!(size <= bound, "{what} is {size} bytes, more than {bound}");

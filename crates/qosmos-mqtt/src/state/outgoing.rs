@@ -265,7 +265,9 @@ pub struct Outgoing {
     ids: PacketIds,
     sent_count: usize,
     pending_bytes: usize,
-    stats: OutgoingStats,
+    /// Allocated by the first count: a broker holds an `Outgoing` per session, and most of an
+    /// idle session's memory is what it holds inline.
+    stats: Option<Box<OutgoingStats>>,
     /// The queues, allocated by the first message or reservation: a broker holds an
     /// `Outgoing` per session, and many sessions never send anything.
     q: Option<Box<Queues>>,
@@ -307,7 +309,7 @@ impl Outgoing {
             ids: PacketIds::new(),
             sent_count: 0,
             pending_bytes: 0,
-            stats: OutgoingStats::default(),
+            stats: None,
             q: None,
         }
     }
@@ -356,8 +358,8 @@ impl Outgoing {
         msg.packet_id = None;
         if msg.qos == QoS::AtMostOnce && self.connected {
             let ticket = self.next_ticket();
-            self.stats.published += 1;
-            self.stats.publish_sent += 1;
+            count(&mut self.stats).published += 1;
+            count(&mut self.stats).publish_sent += 1;
             self.queues().transmit.push_back(Packet::Publish(msg));
             return Ok(ticket);
         }
@@ -383,7 +385,7 @@ impl Outgoing {
             }
         }
         let ticket = self.next_ticket();
-        self.stats.published += 1;
+        count(&mut self.stats).published += 1;
         self.pending_bytes += msg.payload.len();
         self.queues().pending.push_back((ticket, msg));
         self.refill();
@@ -435,7 +437,7 @@ impl Outgoing {
         {
             entry.stage = Inflight::AwaitingPubComp;
             if entry.sent && self.connected {
-                self.stats.pubrel_sent += 1;
+                count(&mut self.stats).pubrel_sent += 1;
                 q.transmit
                     .push_back(Packet::PubRel(PubRel::new(rec.packet_id)));
             }
@@ -507,7 +509,7 @@ impl Outgoing {
             let mut requeue = Vec::new();
             for entry in entries.into_values() {
                 let ticket = entry.ticket;
-                self.stats.orphaned += 1;
+                count(&mut self.stats).orphaned += 1;
                 match entry.stage {
                     Inflight::AwaitingPubAck(mut message)
                     | Inflight::AwaitingPubRec(mut message) => {
@@ -653,7 +655,16 @@ impl Outgoing {
 
     /// The counters.
     pub fn stats(&self) -> &OutgoingStats {
-        &self.stats
+        static NONE: OutgoingStats = OutgoingStats {
+            published: 0,
+            publish_sent: 0,
+            publish_resent: 0,
+            pubrel_sent: 0,
+            accepted: 0,
+            refused: 0,
+            orphaned: 0,
+        };
+        self.stats.as_deref().unwrap_or(&NONE)
     }
 
     /// Takes a packet identifier for a SUBSCRIBE or UNSUBSCRIBE, which share the identifier
@@ -738,9 +749,9 @@ impl Outgoing {
             None => unreachable!("completing an exchange that is not in flight"),
         };
         if accepted {
-            self.stats.accepted += 1;
+            count(&mut self.stats).accepted += 1;
         } else {
-            self.stats.refused += 1;
+            count(&mut self.stats).refused += 1;
         }
         self.refill();
         Completed {
@@ -778,11 +789,11 @@ impl Outgoing {
                 Inflight::AwaitingPubAck(p) | Inflight::AwaitingPubRec(p) => {
                     let mut p = p.clone();
                     p.dup = true;
-                    self.stats.publish_resent += 1;
+                    count(&mut self.stats).publish_resent += 1;
                     q.transmit.push_back(Packet::Publish(p));
                 }
                 Inflight::AwaitingPubComp => {
-                    self.stats.pubrel_sent += 1;
+                    count(&mut self.stats).pubrel_sent += 1;
                     q.transmit
                         .push_back(Packet::PubRel(PubRel::new(entry.packet_id)));
                 }
@@ -795,7 +806,7 @@ impl Outgoing {
             if front.qos == QoS::AtMostOnce {
                 if let Some((_, msg)) = q.pending.pop_front() {
                     self.pending_bytes -= msg.payload.len();
-                    self.stats.publish_sent += 1;
+                    count(&mut self.stats).publish_sent += 1;
                     q.transmit.push_back(Packet::Publish(msg));
                 }
                 continue;
@@ -820,7 +831,7 @@ impl Outgoing {
             } else {
                 Inflight::AwaitingPubRec(msg.clone())
             };
-            self.stats.publish_sent += 1;
+            count(&mut self.stats).publish_sent += 1;
             q.transmit.push_back(Packet::Publish(msg));
             self.next_seq += 1;
             let seq = self.next_seq;
@@ -837,4 +848,10 @@ impl Outgoing {
             self.sent_count += 1;
         }
     }
+}
+
+/// An [`Outgoing`]'s counters, allocated at first use (a free function: the queues may be
+/// borrowed meanwhile).
+fn count(stats: &mut Option<Box<OutgoingStats>>) -> &mut OutgoingStats {
+    stats.get_or_insert_with(Box::default)
 }
