@@ -26,6 +26,7 @@ use crate::store::{StoreError, Wal, WalConfig, WalStats};
 use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::state::Inflight;
 use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -85,6 +86,10 @@ struct Inner {
 pub(crate) struct StoreGuard<'a> {
     store: &'a Store,
     inner: MutexGuard<'a, Inner>,
+    /// Sessions (by address) given a delivery without a packet id reserved for it while this
+    /// guard is held: later deliveries to them must not get one either, or they would overtake
+    /// it (see `Hub::prepare`).
+    queued_to: HashSet<usize>,
 }
 
 impl Store {
@@ -153,6 +158,7 @@ impl Store {
         StoreGuard {
             store: self,
             inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            queued_to: HashSet::new(),
         }
     }
 
@@ -173,6 +179,17 @@ impl Store {
 }
 
 impl StoreGuard<'_> {
+    /// Whether a session (`Arc::as_ptr` as a number) was given a delivery without a reserved
+    /// packet id under this guard.
+    pub(crate) fn queued_to(&self, session: usize) -> bool {
+        self.queued_to.contains(&session)
+    }
+
+    /// Notes that a session was given a delivery without a reserved packet id.
+    pub(crate) fn set_queued_to(&mut self, session: usize) {
+        self.queued_to.insert(session);
+    }
+
     /// A fresh message id.
     pub(crate) fn message_id(&mut self) -> u64 {
         let id = self.inner.next_message_id;
