@@ -7,7 +7,9 @@
 //! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
 //! (`Delivered`) go through [`StoreGuard::submit_lazy`]: applied to the mirror at once, handed to
-//! the log with the next append or after at most 2 ms, never awaited.
+//! the log with the next append or after at most 2 ms, never awaited. Records that need only
+//! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
+//! routed) go through [`StoreGuard::defer`] to its end, where they pack together.
 //!
 //! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
 //! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the
@@ -90,6 +92,10 @@ pub(crate) struct StoreGuard<'a> {
     /// guard is held: later deliveries to them must not get one either, or they would overtake
     /// it (see `Hub::prepare`).
     queued_to: HashSet<usize>,
+    /// Records that go at the end of the next [`StoreGuard::submit`]: the `Sent` of deliveries
+    /// given their packet id when routed. Together there, each subscriber's are packed into one
+    /// `SessionOps` (right behind each `Enqueue`, each would start one of its own).
+    deferred: Vec<Record>,
 }
 
 impl Store {
@@ -159,6 +165,7 @@ impl Store {
             store: self,
             inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
             queued_to: HashSet::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -188,6 +195,13 @@ impl StoreGuard<'_> {
     /// Notes that a session was given a delivery without a reserved packet id.
     pub(crate) fn set_queued_to(&mut self, session: usize) {
         self.queued_to.insert(session);
+    }
+
+    /// Adds `record` at the end of the next [`StoreGuard::submit`] under this guard, after
+    /// every record submitted with it: for records that only need to follow the ones that
+    /// make them meaningful (a `Sent` after its `Enqueue`).
+    pub(crate) fn defer(&mut self, record: Record) {
+        self.deferred.push(record);
     }
 
     /// A fresh message id.
@@ -227,7 +241,8 @@ impl StoreGuard<'_> {
     /// The records go to the log as one record ([`Record::pack`]): each client's session
     /// operations named once, and the whole append applied all or none after a crash. Records
     /// waiting from [`StoreGuard::submit_lazy`] go first, in the same append.
-    pub(crate) fn submit(&mut self, records: Vec<Record>) -> Option<Commit> {
+    pub(crate) fn submit(&mut self, mut records: Vec<Record>) -> Option<Commit> {
+        records.append(&mut self.deferred);
         let packed = Record::pack(records)?;
         let mut buf = std::mem::take(&mut self.inner.lazy);
         let mut count = std::mem::take(&mut self.inner.lazy_records);
@@ -326,6 +341,19 @@ impl StoreGuard<'_> {
         // Not awaited: the writer installs it between commits; a failure stops the log, which
         // every later commit then reports.
         drop(wal.permit_now().compact(snapshot));
+    }
+}
+
+impl Drop for StoreGuard<'_> {
+    /// Deferred records not submitted (no caller leaves them so) still go to the log.
+    fn drop(&mut self) {
+        if !self.deferred.is_empty() {
+            tracing::error!(
+                records = self.deferred.len(),
+                "deferred records left without a submit"
+            );
+            drop(self.submit(Vec::new()));
+        }
     }
 }
 

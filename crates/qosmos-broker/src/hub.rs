@@ -259,7 +259,7 @@ impl Hub {
     ///
     /// A QoS 2 delivery to a connected session whose window has room, with nothing queued
     /// before it, gets its packet id now (reserved in the session's outgoing state) and a
-    /// `Sent` record right after its `Enqueue`: one sync then covers the message and the packet
+    /// `Sent` record at the end of the same append: one sync then covers the message and the packet
     /// id, and the PUBLISH goes out as soon as it is dispatched (else the subscriber's
     /// connection would record the packet id and wait for a second sync). Once one delivery
     /// to a session took the usual way under this lock, later ones to it do too, so that they
@@ -299,7 +299,8 @@ impl Hub {
                         .then(|| st.outgoing.reserve_publish())
                         .flatten();
                     match d.held {
-                        Some(packet_id) => owed.push(Record::Sent {
+                        // After everything else of the append: see `StoreGuard::defer`.
+                        Some(packet_id) => g.defer(Record::Sent {
                             client_id: d.session.client_str.clone(),
                             message_id: id,
                             packet_id,

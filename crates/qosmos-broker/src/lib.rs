@@ -31,6 +31,11 @@
 //! and UNSUBACK after the subscription change is. Towards a subscriber, a QoS 2 PUBLISH goes out
 //! only once its packet id is recorded, and PUBREL once the PUBREC is, so that after a crash the
 //! broker resends the same packet id with DUP and the subscriber's duplicate detection holds.
+//! When the subscriber is connected with room in its inflight window and nothing queued, the
+//! packet id is given as the message is routed and recorded in the same record as the message,
+//! so one sync covers both and the PUBLISH goes out as soon as the publisher's record is durable;
+//! otherwise the subscriber's connection records it when the PUBLISH leaves the queue (a second
+//! sync).
 //! Every socket read is one batch with one append, written as one record (each client's
 //! delivery and release steps packed together, the whole recovered all or nothing), and
 //! concurrent connections share each `fdatasync` (group commit). Completed deliveries

@@ -399,3 +399,62 @@ async fn message_ids_continue_after_restarts() {
     assert_eq!(payloads(&r), ["a0", "a1", "a2", "b0", "b1", "b2"]);
     b.stop().await;
 }
+
+/// A QoS 2 delivery given its packet id as it is routed does not overtake one routed just
+/// before it the usual way: a 5.0 subscriber with a Receive Maximum of 1, and a publisher
+/// whose one read holds a QoS 1 message then a QoS 2 one. The first waits for the window (the
+/// QoS 1 delivery is queued at dispatch); the second must wait behind it, not take the window
+/// with a packet id reserved when it was routed.
+#[tokio::test]
+async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
+    const V: ProtocolVersion = ProtocolVersion::V5;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let mut c = RawClient::connect_packet(V, "order-sub", false);
+    c.properties.set_session_expiry_interval(3600);
+    c.properties.set_receive_maximum(1);
+    let (mut sub, _) = RawClient::connect(addr, c).await;
+    sub.send(&subscribe("o/#", QoS::ExactlyOnce)).await;
+    assert!(matches!(sub.expect().await, Packet::SubAck(_)));
+    let mut c = RawClient::connect_packet(V, "order-pub", false);
+    c.properties.set_session_expiry_interval(3600);
+    let (mut publ, _) = RawClient::connect(addr, c).await;
+    // Both in one write, so that the broker handles them in one read (one store lock).
+    let mut first = Publish::new("o/1", "first".to_string());
+    first.qos = QoS::AtLeastOnce;
+    first.packet_id = Some(pid(1));
+    let mut buf = bytes::BytesMut::new();
+    let enc = qosmos_mqtt::Encoder::new(V);
+    enc.encode(&Packet::Publish(first), &mut buf).unwrap();
+    enc.encode(&publish2("o/2", 2, "second", false), &mut buf)
+        .unwrap();
+    publ.send_bytes(&buf).await;
+    let mut acks = 0;
+    while acks < 2 {
+        match publ.expect().await {
+            Packet::PubAck(_) | Packet::PubRec(_) => acks += 1,
+            other => panic!("expected PUBACK and PUBREC, got {other:?}"),
+        }
+    }
+    let Packet::Publish(got) = sub.expect().await else {
+        panic!("expected a PUBLISH")
+    };
+    assert_eq!(
+        &got.payload[..],
+        b"first",
+        "delivered in the order published"
+    );
+    sub.send(&Packet::PubAck(qosmos_mqtt::PubAck::new(
+        got.packet_id.unwrap(),
+    )))
+    .await;
+    let Packet::Publish(got) = sub.expect().await else {
+        panic!("expected a PUBLISH")
+    };
+    assert_eq!(
+        (&got.payload[..], got.qos),
+        (&b"second"[..], QoS::ExactlyOnce)
+    );
+    b.stop().await;
+}
