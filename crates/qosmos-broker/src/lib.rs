@@ -57,8 +57,8 @@
 //! over 1), QoS 1 at 0.47–0.54 and 0.58–0.69, 3–15× Mosquitto with `persistence true`; a QoS 2
 //! delivery's latency at 5,000 msgs/s, median p50 0.81 ms with `Always` (0.23 ms in memory).
 //! The rest of the cost is mostly the lock that orders appends, held while a publisher's read
-//! is handled (subscribers' acknowledgements are handled outside it) and while each append
-//! updates the mirror of the durable state.
+//! is handled (subscribers' acknowledgements are handled outside it), and the mirror of the
+//! durable state kept for compaction (updated by a thread of its own, outside that lock).
 //!
 //! # What it does not do (yet)
 //! - Durability covers sessions that outlive their connection (3.1.1 clean session false, 5.0
