@@ -458,3 +458,63 @@ async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
     );
     b.stop().await;
 }
+
+/// Compactions while messages are owed to an offline session and others are delivered and
+/// acknowledged by an online one: the snapshots are taken from the mirror, which a thread of
+/// its own brings up to date; after a restart the offline session gets every message once.
+#[tokio::test]
+async fn compactions_under_load_keep_every_owed_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = qosmos_broker::Config {
+        mqtt_addr: addr,
+        data_dir: Some(dir.path().to_path_buf()),
+        compact_min_bytes: 4 << 10,
+        limits: limits(),
+        ..Default::default()
+    };
+    let b = TestBroker::start_config(config.clone()).await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "away", "clean": false,
+               "steps": [{"sub": [["k/#", 2]]}, {"disconnect": null}]}),
+    )
+    .await;
+    let mut online = common::paho_spawn(json!({
+        "port": addr.port(), "version": 311, "client_id": "here", "clean": false,
+        "steps": [{"sub": [["k/#", 2]]}, {"event": "subscribed"},
+                  {"expect": 400, "timeout": 60}, {"disconnect": null}]}));
+    online.wait_event("subscribed").await;
+    let mut steps = Vec::new();
+    for i in 0..400 {
+        steps.push(json!({"pub": "k/x", "payload": format!("k{i}"), "qos": 1 + i % 2}));
+    }
+    steps.push(json!({"disconnect": null}));
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "p", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    assert_eq!(
+        online.finish().await["messages"].as_array().unwrap().len(),
+        400
+    );
+    let (_, stats) = b.handle.store_stats().unwrap();
+    assert!(
+        stats.compactions >= 2,
+        "compacted more than once: {stats:?}"
+    );
+    b.stop().await;
+
+    let b = TestBroker::start_config(config).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "away", "clean": false,
+               "steps": [{"expect": 400, "timeout": 30}, {"quiet": 0.3}, {"disconnect": null}]}),
+    )
+    .await;
+    let mut got = payloads(&r);
+    got.sort();
+    let mut want: Vec<String> = (0..400).map(|i| format!("k{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every owed message once");
+    b.stop().await;
+}
