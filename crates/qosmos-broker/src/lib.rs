@@ -52,10 +52,10 @@
 //! under `Never`.
 //!
 //! What it costs (`bench/compare.sh --durable`, BENCHMARKS.md, one shared 2-core machine, same
-//! run, averaged over 24 runs): QoS 2 with persistent sessions at 0.48–0.54 of the in-memory
-//! broker's throughput with `Always` and 0.61–0.67 with `Never` (single runs vary from 0.2 to
-//! over 1), QoS 1 at 0.47–0.54 and 0.58–0.69, 3–15× Mosquitto with `persistence true`; a QoS 2
-//! delivery's latency at 5,000 msgs/s, median p50 0.81 ms with `Always` (0.23 ms in memory).
+//! run, averaged over 16 runs): QoS 2 with persistent sessions at 0.47–0.55 of the in-memory
+//! broker's throughput with `Always` and 0.58–0.63 with `Never` (single runs vary from 0.3 to
+//! over 1), QoS 1 at 0.52–0.57 and 0.62–0.71, 3–15× Mosquitto with `persistence true`; a QoS 2
+//! delivery's latency at 5,000 msgs/s, median p50 0.63 ms with `Always` (0.27 ms in memory).
 //! The rest of the cost is mostly the lock that orders appends, held while a publisher's read
 //! is handled (subscribers' acknowledgements are handled outside it), and the mirror of the
 //! durable state kept for compaction (updated by a thread of its own, outside that lock).
