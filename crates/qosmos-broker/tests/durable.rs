@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{RawClient, TestBroker, limits, paho};
+use common::{RawClient, TestBroker, limits, paho, wait_until};
 use qosmos_mqtt::{
     Packet, PacketId, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Subscribe,
     Subscription, SubscriptionOptions,
@@ -57,7 +57,11 @@ async fn queued_messages_sessions_and_retained_survive_a_restart() {
                 "steps": steps}),
     )
     .await;
-    assert_eq!(b.handle.clients().len(), 2, "two persistent sessions");
+    // The publisher's script ends when its DISCONNECT is written, maybe before the broker
+    // has handled it (and dropped its clean session).
+    let h = b.handle.clone();
+    wait_until("the publisher's session gone", || h.clients().len() == 2).await;
+    drop(h); // a handle keeps the broker's store, and its lock, alive
     b.stop().await;
 
     let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
@@ -397,5 +401,127 @@ async fn message_ids_continue_after_restarts() {
     )
     .await;
     assert_eq!(payloads(&r), ["a0", "a1", "a2", "b0", "b1", "b2"]);
+    b.stop().await;
+}
+
+/// Deliveries keep their order through a full window: a 5.0 subscriber with a Receive
+/// Maximum of 1, and a publisher whose one read holds a QoS 1 message then a QoS 2 one. The
+/// first waits for the window (the QoS 1 delivery is queued at dispatch); the second must wait
+/// behind it. (Written for giving QoS 2 deliveries their packet id as they are routed, an
+/// optimisation tried and taken back: see BENCHMARKS.md.)
+#[tokio::test]
+async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
+    const V: ProtocolVersion = ProtocolVersion::V5;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let b = TestBroker::start_durable(addr, dir.path(), limits()).await;
+    let mut c = RawClient::connect_packet(V, "order-sub", false);
+    c.properties.set_session_expiry_interval(3600);
+    c.properties.set_receive_maximum(1);
+    let (mut sub, _) = RawClient::connect(addr, c).await;
+    sub.send(&subscribe("o/#", QoS::ExactlyOnce)).await;
+    assert!(matches!(sub.expect().await, Packet::SubAck(_)));
+    let mut c = RawClient::connect_packet(V, "order-pub", false);
+    c.properties.set_session_expiry_interval(3600);
+    let (mut publ, _) = RawClient::connect(addr, c).await;
+    // Both in one write, so that the broker handles them in one read (one store lock).
+    let mut first = Publish::new("o/1", "first".to_string());
+    first.qos = QoS::AtLeastOnce;
+    first.packet_id = Some(pid(1));
+    let mut buf = bytes::BytesMut::new();
+    let enc = qosmos_mqtt::Encoder::new(V);
+    enc.encode(&Packet::Publish(first), &mut buf).unwrap();
+    enc.encode(&publish2("o/2", 2, "second", false), &mut buf)
+        .unwrap();
+    publ.send_bytes(&buf).await;
+    let mut acks = 0;
+    while acks < 2 {
+        match publ.expect().await {
+            Packet::PubAck(_) | Packet::PubRec(_) => acks += 1,
+            other => panic!("expected PUBACK and PUBREC, got {other:?}"),
+        }
+    }
+    let Packet::Publish(got) = sub.expect().await else {
+        panic!("expected a PUBLISH")
+    };
+    assert_eq!(
+        &got.payload[..],
+        b"first",
+        "delivered in the order published"
+    );
+    sub.send(&Packet::PubAck(qosmos_mqtt::PubAck::new(
+        got.packet_id.unwrap(),
+    )))
+    .await;
+    let Packet::Publish(got) = sub.expect().await else {
+        panic!("expected a PUBLISH")
+    };
+    assert_eq!(
+        (&got.payload[..], got.qos),
+        (&b"second"[..], QoS::ExactlyOnce)
+    );
+    b.stop().await;
+}
+
+/// Compactions while messages are owed to an offline session and others are delivered and
+/// acknowledged by an online one; after a restart the offline session gets every message
+/// once. (It caught a lost message about one run in twelve with QoS 2 packet ids given as
+/// messages are routed, which were taken back for it.)
+/// (200 messages: the publisher's script says nothing until it is done, and the harness gives
+/// a script 20 s per line.)
+#[tokio::test]
+async fn compactions_under_load_keep_every_owed_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let config = qosmos_broker::Config {
+        mqtt_addr: addr,
+        data_dir: Some(dir.path().to_path_buf()),
+        compact_min_bytes: 2 << 10,
+        limits: limits(),
+        ..Default::default()
+    };
+    let b = TestBroker::start_config(config.clone()).await;
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "away", "clean": false,
+               "steps": [{"sub": [["k/#", 2]]}, {"disconnect": null}]}),
+    )
+    .await;
+    let mut online = common::paho_spawn(json!({
+        "port": addr.port(), "version": 311, "client_id": "here", "clean": false,
+        "steps": [{"sub": [["k/#", 2]]}, {"event": "subscribed"},
+                  {"expect": 200, "timeout": 15}, {"disconnect": null}]}));
+    online.wait_event("subscribed").await;
+    let mut steps = Vec::new();
+    for i in 0..200 {
+        steps.push(json!({"pub": "k/x", "payload": format!("k{i}"), "qos": 1 + i % 2}));
+    }
+    steps.push(json!({"disconnect": null}));
+    paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "p", "clean": true,
+                "steps": steps}),
+    )
+    .await;
+    assert_eq!(
+        online.finish().await["messages"].as_array().unwrap().len(),
+        200
+    );
+    let (_, stats) = b.handle.store_stats().unwrap();
+    assert!(
+        stats.compactions >= 2,
+        "compacted more than once: {stats:?}"
+    );
+    b.stop().await;
+
+    let b = TestBroker::start_config(config).await;
+    let r = paho(
+        json!({"port": addr.port(), "version": 311, "client_id": "away", "clean": false,
+               "steps": [{"expect": 200, "timeout": 15}, {"quiet": 0.3}, {"disconnect": null}]}),
+    )
+    .await;
+    let mut got = payloads(&r);
+    got.sort();
+    let mut want: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every owed message once");
     b.stop().await;
 }
