@@ -6,11 +6,8 @@
 
 mod common;
 
-use common::{RawClient, TestBroker, limits, paho, wait_until};
-use qosmos_mqtt::{
-    Packet, PacketId, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Subscribe,
-    Subscription, SubscriptionOptions,
-};
+use common::{RawClient, TestBroker, limits, paho, subscribe, wait_until};
+use qosmos_mqtt::{Packet, PacketId, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -198,17 +195,6 @@ async fn the_log_is_compacted() {
     );
     assert_eq!(b.handle.subscriptions().len(), 1);
     b.stop().await;
-}
-
-fn subscribe(filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1.try_into().unwrap(),
-        subscriptions: vec![Subscription {
-            filter: filter.into(),
-            options: SubscriptionOptions::with_qos(qos),
-        }],
-        properties: Default::default(),
-    })
 }
 
 fn publish2(topic: &str, id: u16, payload: &str, dup: bool) -> Packet {

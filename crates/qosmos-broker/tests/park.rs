@@ -7,26 +7,12 @@
 
 mod common;
 
-use common::{RawClient, Recv, TestBroker, limits, wait_until};
+use common::{RawClient, Recv, TestBroker, expect_disconnect, limits, subscribe, wait_until};
 use qosmos_broker::Limits;
-use qosmos_mqtt::{
-    LastWill, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode, Subscribe, Subscription,
-    SubscriptionOptions,
-};
+use qosmos_mqtt::{LastWill, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode};
 use std::time::Duration;
 
 const V: ProtocolVersion = ProtocolVersion::V5;
-
-fn subscribe(filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1.try_into().unwrap(),
-        subscriptions: vec![Subscription {
-            filter: filter.into(),
-            options: SubscriptionOptions::with_qos(qos),
-        }],
-        properties: Default::default(),
-    })
-}
 
 fn publish(topic: &str, qos: QoS, id: u16, payload: &str) -> Packet {
     let mut p = Publish::new(topic, payload.as_bytes().to_vec());
@@ -51,15 +37,6 @@ async fn connect_parked(b: &TestBroker, id: &str, parked: u64) -> RawClient {
     assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
     wait_parked(b, parked).await;
     c
-}
-
-/// The reason code of the DISCONNECT the broker sent before closing.
-async fn expect_disconnect(c: &mut RawClient) -> ReasonCode {
-    let seen = c.expect_closed().await;
-    match seen.last() {
-        Some(Packet::Disconnect(d)) => d.reason_code,
-        other => panic!("expected DISCONNECT before close, got {other:?} (all: {seen:?})"),
-    }
 }
 
 /// (a) A packet from the client resumes it; once idle for a sweep period it parks again, and

@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::{RawClient, TestBroker, limits, mosquitto_pub, paho, paho_spawn, wait_until};
-use qosmos_mqtt::{
-    Packet, ProtocolVersion, PubAck, PubComp, PubRec, QoS, Subscribe, Subscription,
-    SubscriptionOptions,
+use common::{
+    RawClient, TestBroker, limits, mosquitto_pub, paho, paho_spawn, subscribe, wait_until,
 };
+use qosmos_mqtt::{Packet, ProtocolVersion, PubAck, PubComp, PubRec, QoS};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -33,17 +32,6 @@ fn received(r: &Value) -> Vec<(String, String, u64)> {
             )
         })
         .collect()
-}
-
-fn subscribe(filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1.try_into().unwrap(),
-        subscriptions: vec![Subscription {
-            filter: filter.into(),
-            options: SubscriptionOptions::with_qos(qos),
-        }],
-        properties: Default::default(),
-    })
 }
 
 /// [MQTT-3.1.3-7/8]: a zero-length client identifier is accepted with clean session only;

@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::{RawClient, TestBroker, limits, paho, paho_spawn, run, wait_until};
-use qosmos_broker::Limits;
-use qosmos_mqtt::{
-    Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode, Subscribe, Subscription,
-    SubscriptionOptions,
+use common::{
+    RawClient, TestBroker, expect_disconnect, limits, paho, paho_spawn, run, subscribe, wait_until,
 };
+use qosmos_broker::Limits;
+use qosmos_mqtt::{Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -44,31 +43,11 @@ fn received(r: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn subscribe(filter: &str, qos: QoS) -> Packet {
-    Packet::Subscribe(Subscribe {
-        packet_id: 1.try_into().unwrap(),
-        subscriptions: vec![Subscription {
-            filter: filter.into(),
-            options: SubscriptionOptions::with_qos(qos),
-        }],
-        properties: Default::default(),
-    })
-}
-
 fn publish(topic: &str, qos: QoS, id: u16, payload: Vec<u8>) -> Packet {
     let mut p = Publish::new(topic, payload);
     p.qos = qos;
     p.packet_id = (qos != QoS::AtMostOnce).then(|| id.try_into().unwrap());
     Packet::Publish(p)
-}
-
-/// The reason code of the DISCONNECT the broker sent before closing.
-async fn expect_disconnect(c: &mut RawClient) -> ReasonCode {
-    let seen = c.expect_closed().await;
-    match seen.last() {
-        Some(Packet::Disconnect(d)) => d.reason_code,
-        other => panic!("expected DISCONNECT before close, got {other:?} (all: {seen:?})"),
-    }
 }
 
 /// Session Expiry Interval: the session outlives the connection for that long, then is

@@ -468,3 +468,24 @@ impl RawClient {
         }
     }
 }
+
+/// A SUBSCRIBE (packet id 1) of one filter at `qos`.
+pub fn subscribe(filter: &str, qos: qosmos_mqtt::QoS) -> Packet {
+    Packet::Subscribe(qosmos_mqtt::Subscribe {
+        packet_id: 1.try_into().unwrap(),
+        subscriptions: vec![qosmos_mqtt::Subscription {
+            filter: filter.into(),
+            options: qosmos_mqtt::SubscriptionOptions::with_qos(qos),
+        }],
+        properties: Default::default(),
+    })
+}
+
+/// The reason code of the DISCONNECT the broker sent before closing.
+pub async fn expect_disconnect(c: &mut RawClient) -> qosmos_mqtt::ReasonCode {
+    let seen = c.expect_closed().await;
+    match seen.last() {
+        Some(Packet::Disconnect(d)) => d.reason_code,
+        other => panic!("expected DISCONNECT before close, got {other:?} (all: {seen:?})"),
+    }
+}
