@@ -39,6 +39,22 @@ fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
+/// The service's own sessions in a `/api/broker/clients` answer.
+fn service_sessions(body: &str) -> Vec<Value> {
+    let clients = json_of(body);
+    clients
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["client_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("qosmos-serve-"))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Sends SIGTERM (the graceful stop) to a child.
 fn terminate(child: &Child) {
     let _ = std::process::Command::new("kill")
@@ -991,15 +1007,8 @@ fn more_than_a_hundred_acks_wait_for_one_commit() {
     while most <= 100 {
         let (code, body) = http(serve.http, "GET", "/api/broker/clients", None, None);
         assert_eq!(code, 200, "{body}");
-        if let Some(n) = json_of(&body)
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                c["client_id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with("qosmos-serve-"))
-            })
+        if let Some(n) = service_sessions(&body)
+            .iter()
             .filter_map(|c| c["inflight"].as_u64())
             .max()
         {
@@ -1018,15 +1027,8 @@ fn more_than_a_hundred_acks_wait_for_one_commit() {
     let deadline = Instant::now() + SETTLE;
     loop {
         let (_, body) = http(serve.http, "GET", "/api/broker/clients", None, None);
-        let open: u64 = json_of(&body)
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                c["client_id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with("qosmos-serve-"))
-            })
+        let open: u64 = service_sessions(&body)
+            .iter()
             .map(|c| c["inflight"].as_u64().unwrap_or(0) + c["queued"].as_u64().unwrap_or(0))
             .sum();
         if open == 0 {
