@@ -292,6 +292,43 @@ async fn compaction_keeps_the_records_appended_after_the_snapshot() {
     assert_eq!(recovered.truncated_bytes, 0);
 }
 
+/// Appends gathered into the same commit as the news that the compaction's new file is written
+/// (here: a batch window that outlasts the helper) go to the new log's tail too. They were
+/// written only to the old log, which the rename then dropped: acknowledged records lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_gathered_while_a_compaction_finishes_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WalConfig::new(dir.path()).with_fsync(FsyncPolicy::Batch {
+        max_delay: Duration::from_millis(500),
+    });
+    let (wal, _) = Wal::open(config.clone()).unwrap();
+    for i in 0..5 {
+        wal.append(vec![rec(i)]).await.unwrap();
+    }
+    let snapshot = vec![Bytes::from_static(b"snapshot")];
+    // The compaction opens a commit window; the appends join it at once, and the helper's
+    // small file is written (and reported) well within it.
+    let compaction = wal.reserve().await.unwrap().compact(snapshot.clone());
+    let mut after = Vec::new();
+    for i in 10..20 {
+        after.push(wal.reserve().await.unwrap().append(vec![rec(i)]));
+    }
+    for commit in after {
+        commit.await.unwrap();
+    }
+    compaction.await.unwrap();
+    assert_eq!(wal.generation(), 2);
+    drop(wal);
+
+    let (_wal, recovered) = Wal::open(config).unwrap();
+    let mut expected = snapshot;
+    expected.extend((10..20).map(rec));
+    assert_eq!(
+        recovered.records, expected,
+        "every acknowledged append kept"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_fsyncs() {
     let dir = tempfile::tempdir().unwrap();

@@ -199,11 +199,14 @@ impl Writer {
                 self.start_compaction(snapshot, reply);
             }
             Request::CompactionDone(seq) => {
-                if self.compaction.as_ref().is_some_and(|c| c.seq == seq)
-                    && let Some(c) = self.compaction.take()
-                {
+                if self.compaction.as_ref().is_some_and(|c| c.seq == seq) {
+                    // What was gathered meanwhile is committed while the compaction is still
+                    // in `self.compaction`, so that it lands in the tail the new log gets;
+                    // taken out first, it went only to the old log, which the rename drops.
                     self.flush();
-                    self.finish_compaction(c);
+                    if let Some(c) = self.compaction.take() {
+                        self.finish_compaction(c);
+                    }
                 }
             }
             Request::Shutdown => return true,
