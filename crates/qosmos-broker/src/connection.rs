@@ -1063,9 +1063,11 @@ impl Conn {
         while let Some(p) = st.outgoing.poll_transmit() {
             let durable = match &p {
                 // A resend (DUP) reuses the packet id its `Sent` record already holds.
-                Packet::Publish(pb) if pb.qos == QoS::ExactlyOnce && !pb.dup => {
-                    pb.packet_id.map(|pid| (pid, false))
-                }
+                // One given its packet id when routed has its `Sent` in the message's record.
+                Packet::Publish(pb) if pb.qos == QoS::ExactlyOnce && !pb.dup => pb
+                    .packet_id
+                    .filter(|&pid| !st.outgoing.was_reserved(pid))
+                    .map(|pid| (pid, false)),
                 Packet::PubRel(r) => Some((r.packet_id, true)),
                 _ => None,
             };

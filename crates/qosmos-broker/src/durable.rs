@@ -1,13 +1,16 @@
-//! How the broker uses its store: one lock orders every append and keeps a mirror of the
-//! durable state, from which compaction snapshots are taken; and the rebuild of the broker's
-//! memory from that state at start.
+//! How the broker uses its store: one lock orders every append; a mirror of the durable state,
+//! from which compaction snapshots are taken, is brought up to date by a thread of its own, in
+//! log order, outside that lock (the clients with a session, asked at every PUBLISH, are kept
+//! under the lock); and the rebuild of the broker's memory from that state at start.
 //!
 //! The calling contract, for every change the log must hold: take [`Store::lock`], change the
 //! broker's memory, [`StoreGuard::submit`] the records describing the change, drop the lock,
 //! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
-//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: applied to the mirror at once, handed to
-//! the log with the next append or after at most 2 ms, never awaited.
+//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: queued for the mirror at once, handed to
+//! the log with the next append or after at most 2 ms, never awaited. Records that need only
+//! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
+//! routed) go through [`StoreGuard::defer`] to its end, where they pack together.
 //!
 //! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
 //! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the
@@ -26,8 +29,9 @@ use crate::store::{StoreError, Wal, WalConfig, WalStats};
 use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::state::Inflight;
 use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Why the durable state could not be loaded.
@@ -57,7 +61,73 @@ pub enum OpenError {
 pub(crate) struct Store {
     wal: Arc<Wal>,
     inner: Arc<Mutex<Inner>>,
+    mirror: Arc<Mirror>,
     compact_min_bytes: u64,
+}
+
+/// The mirror of the durable state, brought up to date outside the store lock: appends queue
+/// their records (in log order, under the store lock) and a thread applies them; whoever needs
+/// the mirror exact (compaction, a few queries) applies what is queued first.
+///
+/// Lock order: the store lock, then `state`, then `queue`; the applier takes `state`, then
+/// `queue`, and never the store lock. Whoever applies holds `state` while taking the queue,
+/// so that batches are applied in the order they were queued.
+#[derive(Debug)]
+struct Mirror {
+    state: Mutex<DurableState>,
+    queue: Mutex<MirrorQueue>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MirrorQueue {
+    records: Vec<Record>,
+    closed: bool,
+}
+
+impl Mirror {
+    /// Queues `record` to be applied (call under the store lock, in log order).
+    fn push(&self, record: Record) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = q.records.is_empty();
+        q.records.push(record);
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The mirror with everything queued applied.
+    fn now(&self) -> MutexGuard<'_, DurableState> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let records =
+            std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).records);
+        for r in records {
+            state.apply(r);
+        }
+        state
+    }
+
+    /// The applier thread: applies what is queued until the store is dropped.
+    fn run(&self) {
+        loop {
+            {
+                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                while q.records.is_empty() && !q.closed {
+                    q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.records.is_empty() && q.closed {
+                    return;
+                }
+            }
+            drop(self.now());
+        }
+    }
+
+    fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.wake.notify_one();
+    }
 }
 
 /// How long records submitted with [`StoreGuard::submit_lazy`] may wait for company.
@@ -73,7 +143,9 @@ struct Inner {
     lazy_records: u64,
     /// A task will hand `lazy` to the log after [`LAZY_DELAY`].
     lazy_armed: bool,
-    mirror: DurableState,
+    /// The clients with a session in the durable state, as of the last append (the mirror may
+    /// lag behind): what [`StoreGuard::has_session`] answers from, at every PUBLISH.
+    sessions: HashSet<MqttStr>,
     next_message_id: u64,
     /// Size of the last snapshot written (the log right after a compaction).
     last_snapshot_bytes: u64,
@@ -85,6 +157,14 @@ struct Inner {
 pub(crate) struct StoreGuard<'a> {
     store: &'a Store,
     inner: MutexGuard<'a, Inner>,
+    /// Sessions (by address) given a delivery without a packet id reserved for it while this
+    /// guard is held: later deliveries to them must not get one either, or they would overtake
+    /// it (see `Hub::prepare`).
+    queued_to: HashSet<usize>,
+    /// Records that go at the end of the next [`StoreGuard::submit`]: the `Sent` of deliveries
+    /// given their packet id when routed. Together there, each subscriber's are packed into one
+    /// `SessionOps` (right behind each `Enqueue`, each would start one of its own).
+    deferred: Vec<Record>,
 }
 
 impl Store {
@@ -132,17 +212,31 @@ impl Store {
             .filter_map(|r| r.to_bytes().ok())
             .map(|b| b.len() as u64 + 8)
             .sum();
+        let sessions = mirror.sessions.keys().cloned().collect();
+        let mirror = Arc::new(Mirror {
+            state: Mutex::new(mirror),
+            queue: Mutex::new(MirrorQueue::default()),
+            wake: Condvar::new(),
+        });
+        let applier = mirror.clone();
+        std::thread::Builder::new()
+            .name("qosmos-mirror".into())
+            .spawn(move || applier.run())
+            .map_err(|e| StoreError::Failed {
+                reason: format!("cannot start the mirror thread: {e}"),
+            })?;
         let store = Store {
             wal: Arc::new(wal),
             inner: Arc::new(Mutex::new(Inner {
                 lazy: BytesMut::new(),
                 lazy_records: 0,
                 lazy_armed: false,
-                mirror,
+                sessions,
                 next_message_id: max_id + 1,
                 last_snapshot_bytes: live.max(1),
                 compacting_until: 0,
             })),
+            mirror,
             compact_min_bytes,
         };
         Ok((store, state))
@@ -153,6 +247,8 @@ impl Store {
         StoreGuard {
             store: self,
             inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            queued_to: HashSet::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -173,6 +269,24 @@ impl Store {
 }
 
 impl StoreGuard<'_> {
+    /// Whether a session (`Arc::as_ptr` as a number) was given a delivery without a reserved
+    /// packet id under this guard.
+    pub(crate) fn queued_to(&self, session: usize) -> bool {
+        self.queued_to.contains(&session)
+    }
+
+    /// Notes that a session was given a delivery without a reserved packet id.
+    pub(crate) fn set_queued_to(&mut self, session: usize) {
+        self.queued_to.insert(session);
+    }
+
+    /// Adds `record` at the end of the next [`StoreGuard::submit`] under this guard, after
+    /// every record submitted with it: for records that only need to follow the ones that
+    /// make them meaningful (a `Sent` after its `Enqueue`).
+    pub(crate) fn defer(&mut self, record: Record) {
+        self.deferred.push(record);
+    }
+
     /// A fresh message id.
     pub(crate) fn message_id(&mut self) -> u64 {
         let id = self.inner.next_message_id;
@@ -182,18 +296,19 @@ impl StoreGuard<'_> {
 
     /// Whether the durable state has a session for `client`.
     pub(crate) fn has_session(&self, client: &str) -> bool {
-        self.inner.mirror.sessions.contains_key(client)
+        self.inner.sessions.contains(client)
     }
 
     /// Whether the durable state has a pending will for `client`.
     pub(crate) fn has_will(&self, client: &str) -> bool {
-        self.inner.mirror.wills.contains_key(client)
+        self.store.mirror.now().wills.contains_key(client)
     }
 
     /// Whether `client`'s durable session owes a delivery of `message_id`.
     pub(crate) fn owes(&self, client: &str, message_id: u64) -> bool {
-        self.inner
+        self.store
             .mirror
+            .now()
             .sessions
             .get(client)
             .is_some_and(|s| s.queue.iter().any(|d| d.message_id == message_id))
@@ -201,7 +316,13 @@ impl StoreGuard<'_> {
 
     /// Whether the durable state holds `message_id`.
     pub(crate) fn has_message(&self, message_id: u64) -> bool {
-        self.inner.mirror.messages.contains_key(&message_id)
+        self.store.mirror.now().messages.contains_key(&message_id)
+    }
+
+    /// Keeps [`Inner::sessions`] up to date with `record`, and queues it for the mirror.
+    fn mirror(&mut self, record: Record) {
+        note_sessions(&mut self.inner.sessions, &record);
+        self.store.mirror.push(record);
     }
 
     /// Appends `records` to the log and the mirror, in the order of the lock. `None` when there
@@ -210,7 +331,8 @@ impl StoreGuard<'_> {
     /// The records go to the log as one record ([`Record::pack`]): each client's session
     /// operations named once, and the whole append applied all or none after a crash. Records
     /// waiting from [`StoreGuard::submit_lazy`] go first, in the same append.
-    pub(crate) fn submit(&mut self, records: Vec<Record>) -> Option<Commit> {
+    pub(crate) fn submit(&mut self, mut records: Vec<Record>) -> Option<Commit> {
+        records.append(&mut self.deferred);
         let packed = Record::pack(records)?;
         let mut buf = std::mem::take(&mut self.inner.lazy);
         let mut count = std::mem::take(&mut self.inner.lazy_records);
@@ -223,7 +345,7 @@ impl StoreGuard<'_> {
                 return Some(Commit::ready(Err(e)));
             }
         }
-        self.inner.mirror.apply(packed);
+        self.mirror(packed);
         let commit = self
             .store
             .wal
@@ -248,7 +370,8 @@ impl StoreGuard<'_> {
                 return;
             }
         }
-        inner.mirror.apply(packed);
+        self.mirror(packed);
+        let inner = &mut *self.inner;
         if inner.lazy.len() >= LAZY_MAX_BYTES {
             drop(self.flush_lazy());
         } else if !inner.lazy_armed {
@@ -291,13 +414,15 @@ impl StoreGuard<'_> {
         }
         // Records waiting lazily are in the mirror: they go to the log before the snapshot.
         drop(take_lazy(wal, inner));
-        inner.mirror.collect_garbage();
-        let snapshot: Vec<Bytes> = inner
-            .mirror
-            .snapshot()
-            .iter()
-            .filter_map(|r| r.to_bytes().ok())
-            .collect();
+        let snapshot: Vec<Bytes> = {
+            let mut mirror = self.store.mirror.now();
+            mirror.collect_garbage();
+            mirror
+                .snapshot()
+                .iter()
+                .filter_map(|r| r.to_bytes().ok())
+                .collect()
+        };
         let size: u64 = snapshot.iter().map(|b| b.len() as u64 + 8).sum();
         inner.last_snapshot_bytes = size.max(1);
         inner.compacting_until = wal.generation() + 1;
@@ -312,10 +437,43 @@ impl StoreGuard<'_> {
     }
 }
 
+impl Drop for StoreGuard<'_> {
+    /// Deferred records not submitted (no caller leaves them so) still go to the log.
+    fn drop(&mut self) {
+        if !self.deferred.is_empty() {
+            tracing::error!(
+                records = self.deferred.len(),
+                "deferred records left without a submit"
+            );
+            drop(self.submit(Vec::new()));
+        }
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
+        self.mirror.close();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         drop(take_lazy(&self.wal, &mut inner));
+    }
+}
+
+/// Keeps the set of clients with a durable session up to date with `record`, as
+/// [`DurableState::apply`] will.
+fn note_sessions(sessions: &mut HashSet<MqttStr>, record: &Record) {
+    match record {
+        Record::SessionUpsert { client_id, .. } => {
+            sessions.insert(client_id.clone());
+        }
+        Record::SessionDelete { client_id } => {
+            sessions.remove(client_id);
+        }
+        Record::Composite(parts) => {
+            for r in parts {
+                note_sessions(sessions, r);
+            }
+        }
+        _ => {}
     }
 }
 

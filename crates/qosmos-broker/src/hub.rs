@@ -8,7 +8,7 @@ use crate::session::{Session, SubOptions};
 use crate::store::{Commit, Record};
 use qosmos_mqtt::index::SubscriptionIndex;
 use qosmos_mqtt::topic::{self, parse_shared};
-use qosmos_mqtt::{MqttStr, PropertyId, ProtocolVersion, Publish, QoS, encoded_len};
+use qosmos_mqtt::{MqttStr, PacketId, PropertyId, ProtocolVersion, Publish, QoS, encoded_len};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -61,6 +61,10 @@ pub(crate) struct Delivery {
     ids: Vec<u32>,
     /// An `Enqueue` record was written for it: the session tracks it by message id.
     durable: bool,
+    /// The packet id reserved for it in the session's outgoing state, recorded (`Sent`) with
+    /// the message: it goes out with this id once the record is durable, with no sync of its
+    /// own. Given up if it is never dispatched.
+    held: Option<PacketId>,
 }
 
 /// A message routed (and, with a store, recorded), to be handed to its subscribers once its
@@ -76,6 +80,17 @@ impl Routed {
     /// How many sessions it goes to.
     pub(crate) fn len(&self) -> usize {
         self.deliveries.len()
+    }
+}
+
+impl Drop for Routed {
+    /// A message not dispatched (its records failed) gives its packet id reservations up.
+    fn drop(&mut self) {
+        for d in &self.deliveries {
+            if let Some(pid) = d.held {
+                d.session.lock().outgoing.cancel_reserved_publish(pid);
+            }
+        }
     }
 }
 
@@ -241,6 +256,14 @@ impl Hub {
     /// message durable for every session that outlives its connection: `Message`, `Enqueue`s
     /// and `RetainedSet` / `RetainedClear`. QoS 0 deliveries and `$` topics are not recorded.
     /// Hand the result to [`Hub::dispatch`] once the records are durable.
+    ///
+    /// A QoS 2 delivery to a connected session whose window has room, with nothing queued
+    /// before it, gets its packet id now (reserved in the session's outgoing state) and a
+    /// `Sent` record at the end of the same append: one sync then covers the message and the packet
+    /// id, and the PUBLISH goes out as soon as it is dispatched (else the subscriber's
+    /// connection would record the packet id and wait for a second sync). Once one delivery
+    /// to a session took the usual way under this lock, later ones to it do too, so that they
+    /// reach it in order.
     pub(crate) fn prepare(
         &self,
         mut publish: Publish,
@@ -259,7 +282,8 @@ impl Hub {
         if let (Some(g), false) = (guard, publish.topic.starts_with('$')) {
             let mut owed = Vec::new();
             for d in &mut deliveries {
-                let persistent = d.session.lock().expiry_interval > 0;
+                let mut st = d.session.lock();
+                let persistent = st.expiry_interval > 0;
                 if d.qos != QoS::AtMostOnce && persistent && g.has_session(&d.session.client_id) {
                     let id = *message_id.get_or_insert_with(|| g.message_id());
                     d.durable = true;
@@ -270,6 +294,19 @@ impl Hub {
                         retain: d.retain,
                         subscription_ids: d.ids.clone(),
                     });
+                    let key = Arc::as_ptr(&d.session) as usize;
+                    d.held = (d.qos == QoS::ExactlyOnce && !g.queued_to(key))
+                        .then(|| st.outgoing.reserve_publish())
+                        .flatten();
+                    match d.held {
+                        // After everything else of the append: see `StoreGuard::defer`.
+                        Some(packet_id) => g.defer(Record::Sent {
+                            client_id: d.session.client_str.clone(),
+                            message_id: id,
+                            packet_id,
+                        }),
+                        None => g.set_queued_to(key),
+                    }
                 }
             }
             let mut retained = None;
@@ -308,11 +345,20 @@ impl Hub {
 
     /// The second half of routing: hands the message to each session's outgoing state.
     /// Returns how many sessions it went to.
-    pub(crate) fn dispatch(&self, routed: Routed) -> usize {
-        let n = routed.deliveries.len();
-        for d in routed.deliveries {
+    pub(crate) fn dispatch(&self, mut routed: Routed) -> usize {
+        let deliveries = std::mem::take(&mut routed.deliveries);
+        let n = deliveries.len();
+        for d in deliveries {
             let id = routed.message_id.filter(|_| d.durable);
-            self.deliver(&d.session, &routed.publish, d.qos, d.retain, &d.ids, id);
+            self.deliver_held(
+                &d.session,
+                &routed.publish,
+                d.qos,
+                d.retain,
+                &d.ids,
+                id,
+                d.held,
+            );
         }
         n
     }
@@ -348,6 +394,7 @@ impl Hub {
                                 retain,
                                 ids: entry.sub.id.into_iter().collect(),
                                 durable: false,
+                                held: None,
                             },
                         ));
                     }
@@ -370,6 +417,7 @@ impl Hub {
                 retain: publish.retain && pick.sub.options.retain_as_published,
                 ids: pick.sub.id.into_iter().collect(),
                 durable: false,
+                held: None,
             });
         }
         drop(subs);
@@ -388,7 +436,24 @@ impl Hub {
         ids: &[u32],
         message_id: Option<u64>,
     ) {
-        if !self.deliver_inner(session, publish, qos, retain, ids, message_id)
+        self.deliver_held(session, publish, qos, retain, ids, message_id, None);
+    }
+
+    /// [`Hub::deliver`] of a delivery that may hold a packet id reserved (and recorded) for it
+    /// by [`Hub::prepare`]: sent with it, or if the reservation is gone (the session was
+    /// rebuilt), queued as usual, its `Sent` then recorded by its connection.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_held(
+        &self,
+        session: &Session,
+        publish: &Publish,
+        qos: QoS,
+        retain: bool,
+        ids: &[u32],
+        message_id: Option<u64>,
+        held: Option<PacketId>,
+    ) {
+        if !self.deliver_inner(session, publish, qos, retain, ids, message_id, held)
             && let (Some(store), Some(id)) = (&self.store, message_id)
         {
             store.lock().submit_lazy(vec![Record::Delivered {
@@ -399,6 +464,7 @@ impl Hub {
     }
 
     /// [`Hub::deliver`] without the record; false when the message was dropped.
+    #[allow(clippy::too_many_arguments)]
     fn deliver_inner(
         &self,
         session: &Session,
@@ -407,6 +473,7 @@ impl Hub {
         retain: bool,
         ids: &[u32],
         message_id: Option<u64>,
+        held: Option<PacketId>,
     ) -> bool {
         let mut out = Publish {
             dup: false,
@@ -438,11 +505,25 @@ impl Hub {
             if probe(&out) > s.client_max_packet_size as usize {
                 out.properties.remove(PropertyId::UserProperty);
                 if probe(&out) > s.client_max_packet_size as usize {
+                    if let Some(pid) = held {
+                        s.outgoing.cancel_reserved_publish(pid);
+                    }
                     Metrics::inc(&self.metrics.messages_dropped_too_large);
                     tracing::warn!(client = %session.client_id, topic = %publish.topic, "message larger than the client's maximum packet size dropped");
                     return false;
                 }
             }
+        }
+        if let Some(pid) = held {
+            // Whatever happens to the message, the reservation is used or given up here.
+            if let Some(id) = message_id
+                && let Ok(ticket) = s.outgoing.publish_reserved(pid, out.clone())
+            {
+                s.message_ids.insert(ticket, id);
+                s.wake();
+                return true;
+            }
+            s.outgoing.cancel_reserved_publish(pid);
         }
         let expires_at = out
             .properties

@@ -401,6 +401,7 @@ impl SessionState {
             return (0, Vec::new());
         }
         let mut fresh = Outgoing::new(config);
+        fresh.keep_reservations(&self.outgoing);
         fresh.set_receive_maximum(self.outgoing.receive_maximum());
         let mut message_ids = SmallMap::default();
         let mut dropped_ids = Vec::new();

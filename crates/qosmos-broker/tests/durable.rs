@@ -390,11 +390,11 @@ async fn message_ids_continue_after_restarts() {
     b.stop().await;
 }
 
-/// Deliveries keep their order through a full window: a 5.0 subscriber with a Receive
-/// Maximum of 1, and a publisher whose one read holds a QoS 1 message then a QoS 2 one. The
-/// first waits for the window (the QoS 1 delivery is queued at dispatch); the second must wait
-/// behind it. (Written for giving QoS 2 deliveries their packet id as they are routed, an
-/// optimisation tried and taken back: see BENCHMARKS.md.)
+/// A QoS 2 delivery given its packet id as it is routed does not overtake one routed just
+/// before it the usual way: a 5.0 subscriber with a Receive Maximum of 1, and a publisher
+/// whose one read holds a QoS 1 message then a QoS 2 one. The first waits for the window (the
+/// QoS 1 delivery is queued at dispatch); the second must wait behind it, not take the window
+/// with a packet id reserved when it was routed.
 #[tokio::test]
 async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
     const V: ProtocolVersion = ProtocolVersion::V5;
@@ -450,9 +450,10 @@ async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
 }
 
 /// Compactions while messages are owed to an offline session and others are delivered and
-/// acknowledged by an online one; after a restart the offline session gets every message
-/// once. (It caught a lost message about one run in twelve with QoS 2 packet ids given as
-/// messages are routed, which were taken back for it.)
+/// acknowledged by an online one: the snapshots are taken from the mirror, which a thread of
+/// its own brings up to date; after a restart the offline session gets every message once.
+/// (It caught the WAL writer dropping appends gathered into the commit that finished a
+/// compaction, about one run in ten; see `tests/wal.rs`.)
 /// (200 messages: the publisher's script says nothing until it is done, and the harness gives
 /// a script 20 s per line.)
 #[tokio::test]

@@ -943,3 +943,91 @@ proptest! {
         fuzz_exchange(&data);
     }
 }
+
+/// A packet id reserved for a message not handed over yet takes a place in the window and is
+/// never given to another message; the message then goes out at once with it, DUP clear, and
+/// is known as reserved until it completes.
+#[test]
+fn reserve_publish_takes_an_id_and_a_window_place_until_handed_over() {
+    let mut out = connected(OutgoingConfig::default(), 2);
+    let held = out.reserve_publish().expect("room");
+    assert!(!out.is_idle());
+    // One place left: a message goes out, the next waits.
+    out.publish(msg(QoS::ExactlyOnce, "a")).expect("ok");
+    out.publish(msg(QoS::ExactlyOnce, "b")).expect("ok");
+    let sent = drain(&mut out);
+    assert_eq!(sent.len(), 1);
+    let a = sent_id(&sent[0]);
+    assert_ne!(a, held);
+    // Window full, and something pending: no reservation.
+    assert_eq!(out.reserve_publish(), None);
+    let ticket = out
+        .publish_reserved(held, msg(QoS::ExactlyOnce, "h"))
+        .expect("ok");
+    assert_eq!(
+        publishes(&drain(&mut out)),
+        vec![(Some(held.get()), false, "h".to_string())]
+    );
+    assert!(out.was_reserved(held));
+    assert!(!out.was_reserved(a));
+    // Handed over once only.
+    assert!(matches!(
+        out.publish_reserved(held, msg(QoS::ExactlyOnce, "again")),
+        Err(StateError::PacketIdNotFound { .. })
+    ));
+    out.handle_pubrec(&PubRec::new(held)).expect("ok");
+    assert!(matches!(drain(&mut out)[..], [Packet::PubRel(_)]));
+    let done = out.handle_pubcomp(&PubComp::new(held)).expect("ok");
+    assert_eq!(done.ticket, ticket);
+    // "b" takes the freed place.
+    let sent = drain(&mut out);
+    assert_eq!(publishes(&sent)[0].2, "b");
+    assert_ne!(sent_id(&sent[0]), a);
+}
+
+/// No reservation while disconnected; one taken before a disconnection is handed over after
+/// it as an exchange in flight (resent with DUP on resume), and one given up frees its place.
+#[test]
+fn reserve_publish_across_a_disconnection_and_cancel() {
+    let mut out = Outgoing::new(OutgoingConfig::default());
+    assert_eq!(out.reserve_publish(), None);
+    assert!(out.resume(false).is_empty());
+    out.set_receive_maximum(1);
+    let held = out.reserve_publish().expect("room");
+    out.on_disconnect();
+    out.publish_reserved(held, msg(QoS::ExactlyOnce, "h"))
+        .expect("ok");
+    assert!(drain(&mut out).is_empty());
+    assert!(out.resume(true).is_empty());
+    assert_eq!(
+        publishes(&drain(&mut out)),
+        vec![(Some(held.get()), true, "h".to_string())]
+    );
+    out.handle_pubrec(&PubRec::new(held)).expect("ok");
+    drain(&mut out);
+    out.handle_pubcomp(&PubComp::new(held)).expect("ok");
+
+    let other = out.reserve_publish().expect("room");
+    out.publish(msg(QoS::AtLeastOnce, "waits")).expect("ok");
+    assert!(
+        drain(&mut out).is_empty(),
+        "the reservation holds the only place"
+    );
+    assert!(out.cancel_reserved_publish(other));
+    assert!(!out.cancel_reserved_publish(other));
+    assert_eq!(publishes(&drain(&mut out))[0].2, "waits");
+    // A rebuilt sender keeps the reservations of the one it replaces.
+    let again = out.reserve_publish();
+    assert_eq!(again, None, "window full");
+    let mut fresh = Outgoing::new(OutgoingConfig::default());
+    let mut old = connected(OutgoingConfig::default(), 5);
+    let kept = old.reserve_publish().expect("room");
+    fresh.keep_reservations(&old);
+    assert!(fresh.resume(false).is_empty());
+    fresh.publish(msg(QoS::ExactlyOnce, "new")).expect("ok");
+    assert_ne!(sent_id(&drain(&mut fresh)[0]), kept);
+    fresh
+        .publish_reserved(kept, msg(QoS::ExactlyOnce, "k"))
+        .expect("ok");
+    assert_eq!(publishes(&drain(&mut fresh))[0].0, Some(kept.get()));
+}

@@ -452,3 +452,183 @@ fn a_data_directory_in_use_is_refused_and_freed_by_sigkill() {
     second.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A bare blocking MQTT 3.1.1 client: sends exactly what it is told, acknowledges nothing by
+/// itself, decodes with qosmos-mqtt's strict decoder.
+struct Raw {
+    stream: std::net::TcpStream,
+    rbuf: bytes::BytesMut,
+    decoder: qosmos_mqtt::Decoder,
+}
+
+impl Raw {
+    /// Connects (keep alive 60) and returns the CONNACK's session present flag.
+    fn connect(port: u16, client_id: &str, clean: bool) -> (Raw, bool) {
+        use qosmos_mqtt::{Connect, Decoder, Packet, ProtocolVersion, Role};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut raw = Raw {
+            stream,
+            rbuf: bytes::BytesMut::new(),
+            decoder: Decoder::new(Role::Client, Some(ProtocolVersion::V311)),
+        };
+        let mut c = Connect::new(ProtocolVersion::V311, client_id);
+        c.clean_start = clean;
+        c.keep_alive = 60;
+        raw.send(&Packet::Connect(c));
+        match raw.expect() {
+            Packet::ConnAck(a) => (raw, a.session_present),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, p: &qosmos_mqtt::Packet) {
+        let mut buf = bytes::BytesMut::new();
+        qosmos_mqtt::Encoder::new(qosmos_mqtt::ProtocolVersion::V311)
+            .encode(p, &mut buf)
+            .unwrap();
+        self.stream.write_all(&buf).unwrap();
+    }
+
+    /// The next packet; fails the test on close or after [`TIMEOUT`].
+    fn expect(&mut self) -> qosmos_mqtt::Packet {
+        use std::io::Read;
+        let start = Instant::now();
+        loop {
+            if let Some(p) = self.decoder.decode(&mut self.rbuf).unwrap() {
+                return p;
+            }
+            let left = TIMEOUT
+                .checked_sub(start.elapsed())
+                .expect("a packet in time");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).expect("a packet in time");
+            assert!(n > 0, "the broker closed the connection");
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn qos2_publish(topic: &str, id: u16, payload: &str) -> qosmos_mqtt::Packet {
+    let mut p = qosmos_mqtt::Publish::new(topic, payload.to_string());
+    p.qos = qosmos_mqtt::QoS::ExactlyOnce;
+    p.packet_id = qosmos_mqtt::PacketId::new(id);
+    qosmos_mqtt::Packet::Publish(p)
+}
+
+/// Whether the log holds, in one record, message `payload` and the `Sent` of its delivery to
+/// `client` with `packet_id`: the packet id was given when the message was routed and made
+/// durable with it (one sync), not recorded by the subscriber's connection afterwards.
+fn sent_with_message(data: &Path, payload: &str, client: &str, packet_id: u16) -> bool {
+    use qosmos_broker::store::{Record, SessionOp, Wal, WalConfig};
+    let (wal, recovered) = Wal::open(WalConfig::new(data)).unwrap();
+    drop(wal);
+    recovered.records.iter().any(|bytes| {
+        let Ok(Record::Composite(parts)) = Record::decode(bytes) else {
+            return false;
+        };
+        let message = parts.iter().any(
+            |r| matches!(r, Record::Message { publish, .. } if &publish.payload[..] == payload.as_bytes()),
+        );
+        let sent = parts.iter().any(|r| match r {
+            Record::SessionOps { client_id, ops } if client_id.as_str() == client => {
+                ops.iter().any(|op| {
+                    matches!(op, SessionOp::Sent { packet_id: p, .. } if p.get() == packet_id)
+                })
+            }
+            Record::Sent {
+                client_id,
+                packet_id: p,
+                ..
+            } => client_id.as_str() == client && p.get() == packet_id,
+            _ => false,
+        });
+        message && sent
+    })
+}
+
+/// A QoS 2 delivery whose packet id was given when the message was routed (and logged with the
+/// message, one sync for both): the subscriber got the PUBLISH, the broker is killed (SIGKILL)
+/// before the PUBREC; after the restart the same PUBLISH comes again with the same packet id
+/// and DUP, and it is delivered once: to a bare subscriber (nothing after its PUBCOMP but the
+/// next message) and to a paho subscriber.
+#[test]
+fn a_qos2_delivery_numbered_when_routed_is_resent_after_sigkill_with_its_packet_id_and_dup() {
+    use qosmos_mqtt::{Packet, PacketId, PubComp, PubRec, PubRel, QoS, Subscribe, Subscription};
+    let dir = temp_dir("durable-held");
+    let data = dir.join("data");
+    let log = dir.join("broker.log");
+    let port = free_port();
+    let p = port.to_string();
+    let broker = BrokerProcess::start(port, &data, &log);
+
+    let (mut sub, _) = Raw::connect(port, "held-raw", false);
+    sub.send(&Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        subscriptions: vec![Subscription {
+            filter: "kill/#".into(),
+            options: qosmos_mqtt::SubscriptionOptions::with_qos(QoS::ExactlyOnce),
+        }],
+        properties: Default::default(),
+    }));
+    assert!(matches!(sub.expect(), Packet::SubAck(_)));
+    let mut paho = Client::spawn("paho subscriber", &["sub", &p, "held-paho"]);
+    paho.wait("subscribed", |l| l.iter().any(|l| l == "subscribed"));
+
+    let (mut publ, _) = Raw::connect(port, "held-pub", false);
+    publ.send(&qos2_publish("kill/held", 1, "held-1"));
+    assert!(matches!(publ.expect(), Packet::PubRec(r) if r.packet_id.get() == 1));
+    let Packet::Publish(first) = sub.expect() else {
+        panic!("expected the PUBLISH of held-1")
+    };
+    assert_eq!((&first.payload[..], first.dup), (&b"held-1"[..], false));
+    let pid = first.packet_id.expect("QoS 2 has a packet id");
+    paho.wait("held-1", |l| l.iter().any(|l| l == "msg kill/held held-1"));
+    broker.kill();
+    drop(publ);
+
+    assert!(
+        sent_with_message(&data, "held-1", "held-raw", pid.get()),
+        "the packet id {pid} of held-raw's delivery is not in the record of the message"
+    );
+
+    let broker = BrokerProcess::start(port, &data, &log);
+    let (mut sub, present) = Raw::connect(port, "held-raw", false);
+    assert!(present, "the session survived");
+    let Packet::Publish(again) = sub.expect() else {
+        panic!("expected held-1 again")
+    };
+    assert_eq!(
+        (&again.payload[..], again.packet_id, again.dup),
+        (&b"held-1"[..], Some(pid), true),
+        "resent with the same packet id and DUP"
+    );
+    sub.send(&Packet::PubRec(PubRec::new(pid)));
+    assert!(matches!(sub.expect(), Packet::PubRel(r) if r.packet_id == pid));
+    sub.send(&Packet::PubComp(PubComp::new(pid)));
+
+    // The publisher releases held-1 and publishes held-2: it is the next thing either
+    // subscriber gets.
+    let (mut publ, present) = Raw::connect(port, "held-pub", false);
+    assert!(present);
+    publ.send(&Packet::PubRel(PubRel::new(PacketId::new(1).unwrap())));
+    assert!(matches!(publ.expect(), Packet::PubComp(c) if c.packet_id.get() == 1));
+    publ.send(&qos2_publish("kill/held", 2, "held-2"));
+    assert!(matches!(publ.expect(), Packet::PubRec(r) if r.packet_id.get() == 2));
+    let Packet::Publish(next) = sub.expect() else {
+        panic!("expected held-2")
+    };
+    assert_eq!(
+        (&next.payload[..], next.dup),
+        (&b"held-2"[..], false),
+        "held-1 was not delivered twice"
+    );
+    paho.wait("held-2", |l| l.iter().any(|l| l == "msg kill/held held-2"));
+    paho.stop();
+    paho.wait_exit();
+    let got = received(&paho);
+    assert_eq!(got.get("held-1"), Some(&1), "paho got held-1 once: {got:?}");
+    assert_eq!(got.get("held-2"), Some(&1), "{got:?}");
+    broker.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

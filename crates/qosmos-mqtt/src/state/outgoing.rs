@@ -205,6 +205,8 @@ struct Entry {
     stage: Inflight,
     /// Sent (PUBLISH or PUBREL) on the current connection: counts against the window.
     sent: bool,
+    /// Handed over with [`Outgoing::publish_reserved`].
+    reserved: bool,
 }
 
 /// The sender of PUBLISH packets, for one session: assigns packet identifiers, keeps QoS 1 and 2
@@ -281,10 +283,20 @@ struct Queues {
     by_id: HashMap<PacketId, u64>,
     /// Identifiers taken with [`Outgoing::reserve_packet_id`].
     reserved: BTreeSet<PacketId>,
+    /// Identifiers and window slots taken with [`Outgoing::reserve_publish`], for messages not
+    /// handed over yet.
+    held: BTreeSet<PacketId>,
     /// Inflight exchanges not yet resent on this connection because the window was full.
     parked: VecDeque<u64>,
     pending: VecDeque<(Ticket, Publish)>,
     transmit: VecDeque<Packet>,
+}
+
+impl Queues {
+    /// Whether `id` is taken: in flight or reserved.
+    fn in_use(&self, id: PacketId) -> bool {
+        self.by_id.contains_key(&id) || self.reserved.contains(&id) || self.held.contains(&id)
+    }
 }
 
 /// What an `Outgoing` without queues reads.
@@ -368,7 +380,7 @@ impl Outgoing {
                 .q
                 .as_deref()
                 .is_none_or(|q| q.pending.is_empty() && q.parked.is_empty())
-            && self.entries().len() < usize::from(self.receive_maximum);
+            && self.window_used() < usize::from(self.receive_maximum);
         if !goes_now {
             if self.pending_queue().len() >= self.config.max_pending {
                 return Err(QueueFull {
@@ -554,10 +566,7 @@ impl Outgoing {
         mut stage: Inflight,
     ) -> Result<Ticket, StateError> {
         let qos = stage.qos();
-        let in_use = self
-            .q
-            .as_deref()
-            .is_some_and(|q| q.by_id.contains_key(&packet_id) || q.reserved.contains(&packet_id));
+        let in_use = self.q.as_deref().is_some_and(|q| q.in_use(packet_id));
         if in_use {
             return Err(StateError::PacketIdInUse { packet_id, qos });
         }
@@ -577,6 +586,7 @@ impl Outgoing {
                 packet_id,
                 stage,
                 sent: false,
+                reserved: false,
             },
         );
         q.by_id.insert(packet_id, seq);
@@ -641,11 +651,15 @@ impl Outgoing {
         self.pending_bytes
     }
 
-    /// True when nothing is in flight, pending, or waiting to be drained.
+    /// True when nothing is in flight, pending, reserved with [`Outgoing::reserve_publish`], or
+    /// waiting to be drained.
     pub fn is_idle(&self) -> bool {
-        self.q
-            .as_deref()
-            .is_none_or(|q| q.entries.is_empty() && q.pending.is_empty() && q.transmit.is_empty())
+        self.q.as_deref().is_none_or(|q| {
+            q.entries.is_empty()
+                && q.pending.is_empty()
+                && q.transmit.is_empty()
+                && q.held.is_empty()
+        })
     }
 
     /// Whether [`Outgoing::resume`] was called since the last [`Outgoing::on_disconnect`].
@@ -672,11 +686,169 @@ impl Outgoing {
     /// when all 65535 are in use.
     pub fn reserve_packet_id(&mut self) -> Option<PacketId> {
         let q = self.q.get_or_insert_with(Default::default);
-        let id = self
-            .ids
-            .allocate(|id| q.by_id.contains_key(&id) || q.reserved.contains(&id))?;
+        let id = self.ids.allocate(|id| q.in_use(id))?;
         q.reserved.insert(id);
         Some(id)
+    }
+
+    /// Takes a packet identifier and a place in the inflight window for a QoS 1 or 2 message
+    /// that is not handed over yet: for a caller that must make the identifier durable before
+    /// the message may go out (a broker's write-ahead log), and wants to record it together with
+    /// the message rather than after. Hand the message over with [`Outgoing::publish_reserved`]
+    /// (or give the reservation up with [`Outgoing::cancel_reserved_publish`]).
+    ///
+    /// `None` unless a message published now would be sent at once: connected, nothing pending
+    /// or waiting to be resent, and room in the window (which counts these reservations).
+    /// Reservations keep their place across a disconnection; in between, [`Outgoing::publish`]
+    /// counts them as in flight.
+    ///
+    /// ```
+    /// use qosmos_mqtt::state::{Outgoing, OutgoingConfig};
+    /// use qosmos_mqtt::{Packet, Publish, QoS};
+    ///
+    /// let mut out = Outgoing::new(OutgoingConfig::default());
+    /// out.resume(false);
+    /// let pid = out.reserve_publish().expect("the window has room");
+    /// // … record `pid` durably with the message …
+    /// let mut msg = Publish::new("orders/42", "created");
+    /// msg.qos = QoS::ExactlyOnce;
+    /// out.publish_reserved(pid, msg)?;
+    /// let Some(Packet::Publish(sent)) = out.poll_transmit() else { panic!() };
+    /// assert_eq!((sent.packet_id, sent.dup), (Some(pid), false));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reserve_publish(&mut self) -> Option<PacketId> {
+        let room = self.connected
+            && self
+                .q
+                .as_deref()
+                .is_none_or(|q| q.pending.is_empty() && q.parked.is_empty())
+            && self.window_used() < usize::from(self.receive_maximum);
+        if !room {
+            return None;
+        }
+        let q = self.q.get_or_insert_with(Default::default);
+        let id = self.ids.allocate(|id| q.in_use(id))?;
+        q.held.insert(id);
+        Some(id)
+    }
+
+    /// Hands over a QoS 1 or 2 message with the packet identifier taken for it with
+    /// [`Outgoing::reserve_publish`]: it enters the window with that identifier, and is sent at
+    /// once (DUP clear) when connected and the window has room, else as soon as it has (a resend
+    /// after a reconnection, DUP set, like every exchange in flight then).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::PacketIdNotFound`] when `packet_id` is not reserved so (e.g. given up with
+    /// [`Outgoing::cancel_reserved_publish`]), [`StateError::UnexpectedPacket`] for a QoS 0
+    /// message (the reservation is then kept). Nothing changes: publish it with
+    /// [`Outgoing::publish`] instead.
+    pub fn publish_reserved(
+        &mut self,
+        packet_id: PacketId,
+        mut msg: Publish,
+    ) -> Result<Ticket, StateError> {
+        let held = self
+            .q
+            .as_deref()
+            .is_some_and(|q| q.held.contains(&packet_id));
+        if !held {
+            return Err(StateError::PacketIdNotFound {
+                packet: PacketType::Publish,
+                packet_id,
+            });
+        }
+        if msg.qos == QoS::AtMostOnce {
+            return Err(StateError::UnexpectedPacket {
+                packet: PacketType::Publish,
+                packet_id,
+                expected: PacketType::PubAck,
+            });
+        }
+        msg.dup = false;
+        msg.packet_id = Some(packet_id);
+        let stage = if msg.qos == QoS::AtLeastOnce {
+            Inflight::AwaitingPubAck(msg.clone())
+        } else {
+            Inflight::AwaitingPubRec(msg.clone())
+        };
+        let ticket = self.next_ticket();
+        let seq = self.next_seq();
+        self.stats.published += 1;
+        let now = self.connected && self.sent_count < usize::from(self.receive_maximum);
+        let connected = self.connected;
+        let q = self.queues();
+        q.held.remove(&packet_id);
+        let now = now && q.parked.is_empty();
+        q.entries.insert(
+            seq,
+            Entry {
+                ticket,
+                packet_id,
+                stage,
+                sent: now,
+                reserved: true,
+            },
+        );
+        q.by_id.insert(packet_id, seq);
+        if now {
+            q.transmit.push_back(Packet::Publish(msg));
+            self.sent_count += 1;
+            self.stats.publish_sent += 1;
+        } else if connected {
+            q.parked.push_back(seq);
+            self.refill();
+        }
+        Ok(ticket)
+    }
+
+    /// Whether the exchange in flight with `packet_id` was handed over with
+    /// [`Outgoing::publish_reserved`]: tells the caller that its PUBLISH from
+    /// [`Outgoing::poll_transmit`] carries the identifier it reserved (and recorded).
+    pub fn was_reserved(&self, packet_id: PacketId) -> bool {
+        self.q.as_deref().is_some_and(|q| {
+            q.by_id
+                .get(&packet_id)
+                .and_then(|seq| q.entries.get(seq))
+                .is_some_and(|e| e.reserved)
+        })
+    }
+
+    /// Gives up a reservation of [`Outgoing::reserve_publish`]: its identifier and place in the
+    /// window are free again. False if it was not reserved so.
+    pub fn cancel_reserved_publish(&mut self, packet_id: PacketId) -> bool {
+        let cancelled = self
+            .q
+            .as_deref_mut()
+            .is_some_and(|q| q.held.remove(&packet_id));
+        if cancelled {
+            self.refill();
+        }
+        cancelled
+    }
+
+    /// Takes over `from`'s reserved identifiers (of [`Outgoing::reserve_packet_id`] and
+    /// [`Outgoing::reserve_publish`]) and where it is in handing out identifiers: for a caller
+    /// that rebuilds an `Outgoing` from another's [`Outgoing::inflight`] and
+    /// [`Outgoing::pending`], so that what was reserved there can still be handed over here.
+    pub fn keep_reservations(&mut self, from: &Outgoing) {
+        self.ids = from.ids.clone();
+        if let Some(f) = from.q.as_deref()
+            && !(f.reserved.is_empty() && f.held.is_empty())
+        {
+            let q = self.queues();
+            q.reserved.extend(f.reserved.iter().copied());
+            q.held.extend(f.held.iter().copied());
+        }
+    }
+
+    /// Places in the window: exchanges in flight and reservations of
+    /// [`Outgoing::reserve_publish`].
+    fn window_used(&self) -> usize {
+        self.q
+            .as_deref()
+            .map_or(0, |q| q.entries.len() + q.held.len())
     }
 
     /// Gives back an identifier from [`Outgoing::reserve_packet_id`] (on SUBACK / UNSUBACK).
@@ -811,14 +983,10 @@ impl Outgoing {
                 }
                 continue;
             }
-            if q.entries.len() >= max {
+            if q.entries.len() + q.held.len() >= max {
                 break;
             }
-            let (by_id, reserved) = (&q.by_id, &q.reserved);
-            let Some(packet_id) = self
-                .ids
-                .allocate(|id| by_id.contains_key(&id) || reserved.contains(&id))
-            else {
+            let Some(packet_id) = self.ids.allocate(|id| q.in_use(id)) else {
                 break;
             };
             let Some((ticket, mut msg)) = q.pending.pop_front() else {
@@ -842,6 +1010,7 @@ impl Outgoing {
                     packet_id,
                     stage,
                     sent: true,
+                    reserved: false,
                 },
             );
             q.by_id.insert(packet_id, seq);
