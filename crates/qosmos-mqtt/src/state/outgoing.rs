@@ -775,7 +775,7 @@ impl Outgoing {
         };
         let ticket = self.next_ticket();
         let seq = self.next_seq();
-        self.stats.published += 1;
+        count(&mut self.stats).published += 1;
         let now = self.connected && self.sent_count < usize::from(self.receive_maximum);
         let connected = self.connected;
         let q = self.queues();
@@ -795,7 +795,7 @@ impl Outgoing {
         if now {
             q.transmit.push_back(Packet::Publish(msg));
             self.sent_count += 1;
-            self.stats.publish_sent += 1;
+            count(&mut self.stats).publish_sent += 1;
         } else if connected {
             q.parked.push_back(seq);
             self.refill();
