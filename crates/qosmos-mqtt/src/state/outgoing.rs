@@ -293,6 +293,13 @@ struct Queues {
 }
 
 impl Queues {
+    /// Tracks an inflight exchange: in `entries` by its order, in `by_id` by its packet id
+    /// (the two kept together here).
+    fn track(&mut self, seq: u64, entry: Entry) {
+        self.by_id.insert(entry.packet_id, seq);
+        self.entries.insert(seq, entry);
+    }
+
     /// Whether `id` is taken: in flight or reserved.
     fn in_use(&self, id: PacketId) -> bool {
         self.by_id.contains_key(&id) || self.reserved.contains(&id) || self.held.contains(&id)
@@ -579,7 +586,7 @@ impl Outgoing {
         let seq = self.next_seq();
         let connected = self.connected;
         let q = self.queues();
-        q.entries.insert(
+        q.track(
             seq,
             Entry {
                 ticket,
@@ -589,7 +596,6 @@ impl Outgoing {
                 reserved: false,
             },
         );
-        q.by_id.insert(packet_id, seq);
         if connected {
             q.parked.push_back(seq);
             self.refill();
@@ -781,7 +787,7 @@ impl Outgoing {
         let q = self.queues();
         q.held.remove(&packet_id);
         let now = now && q.parked.is_empty();
-        q.entries.insert(
+        q.track(
             seq,
             Entry {
                 ticket,
@@ -791,7 +797,6 @@ impl Outgoing {
                 reserved: true,
             },
         );
-        q.by_id.insert(packet_id, seq);
         if now {
             q.transmit.push_back(Packet::Publish(msg));
             self.sent_count += 1;
@@ -1003,7 +1008,7 @@ impl Outgoing {
             q.transmit.push_back(Packet::Publish(msg));
             self.next_seq += 1;
             let seq = self.next_seq;
-            q.entries.insert(
+            q.track(
                 seq,
                 Entry {
                     ticket,
@@ -1013,7 +1018,6 @@ impl Outgoing {
                     reserved: false,
                 },
             );
-            q.by_id.insert(packet_id, seq);
             self.sent_count += 1;
         }
     }
