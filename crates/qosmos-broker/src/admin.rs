@@ -72,7 +72,7 @@ impl BrokerHandle {
             .map(|s| {
                 let st = s.lock();
                 ClientInfo {
-                    client_id: s.client_id.to_string(),
+                    client_id: s.client_id().to_string(),
                     connected: st.is_online(),
                     peer: st.connection.as_ref().map(|c| c.peer.to_string()),
                     protocol: st.version.to_string(),
@@ -100,7 +100,7 @@ impl BrokerHandle {
             for (filter, sub) in &st.subscriptions {
                 let o = sub.options;
                 out.push(SubscriptionInfo {
-                    client_id: s.client_id.to_string(),
+                    client_id: s.client_id().to_string(),
                     topic: filter.to_string(),
                     qos: o.qos.as_u8(),
                     no_local: o.no_local,

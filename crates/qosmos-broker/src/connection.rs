@@ -340,7 +340,7 @@ pub(crate) async fn resume(parked: Parked) {
     match TcpStream::from_std(socket) {
         Ok(io) => Box::pin(run(conn, io, rbuf, decoder, slot, first)).await,
         Err(e) => {
-            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot resume a parked connection");
+            tracing::warn!(client = %conn.session.client_id(), error = %e, "cannot resume a parked connection");
             Metrics::dec(&conn.hub.metrics.clients_connected);
             Box::pin(conn.finish(End::Lost, None)).await;
         }
@@ -434,7 +434,7 @@ fn park(conn: Conn, io: TcpStream, decoder: Decoder, slot: Slot) -> Result<(), O
         Ok(s) => s,
         Err(e) => {
             // Deregistering failed: nothing more can be done with this socket.
-            tracing::warn!(client = %conn.session.client_id, error = %e, "cannot park a connection");
+            tracing::warn!(client = %conn.session.client_id(), error = %e, "cannot park a connection");
             Metrics::dec(&conn.hub.metrics.clients_connected);
             tokio::spawn(conn.finish(End::Lost, None));
             return Err(None);
@@ -625,7 +625,8 @@ impl Conn {
         }
         let id = hub.next_connection_id();
         let mut assigned = None;
-        let client_id: Arc<str> = if c.client_id.is_empty() {
+        // Copied out of the read buffer (which it would otherwise keep): the session's one copy.
+        let client_id = if c.client_id.is_empty() {
             if v == ProtocolVersion::V311 && !c.clean_start {
                 // [MQTT-3.1.3-8]
                 let _ = write_packet(wr, v, &refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)).await;
@@ -636,9 +637,9 @@ impl Conn {
                 hub.started.elapsed().as_nanos() & 0xFFFF_FFFF
             );
             assigned = Some(name.clone());
-            Arc::from(name)
+            MqttStr::from(name)
         } else {
-            Arc::from(c.client_id.as_str())
+            MqttStr::from(c.client_id.as_str())
         };
         let limits = &hub.limits;
         let expiry = match v {
@@ -674,7 +675,7 @@ impl Conn {
         let (session, session_present, commit) = {
             let mut guard = hub.store.as_ref().map(|s| s.lock());
             let mut records = Vec::new();
-            let existing = hub.sessions().get(&client_id).cloned();
+            let existing = hub.sessions().get(client_id.as_str()).cloned();
             let mut resumed = None;
             if let Some(s) = existing {
                 let mut st = s.lock();
@@ -702,8 +703,8 @@ impl Conn {
                 Some(s) => s,
                 None => {
                     let state = new_session_state(limits, v, expiry);
-                    let s = Arc::new(Session::new(client_id.clone(), state));
-                    hub.sessions().insert(client_id.clone(), s.clone());
+                    let s = Arc::new(Session::new(client_id, state));
+                    hub.sessions().insert(s.clone());
                     s
                 }
             };
@@ -724,7 +725,7 @@ impl Conn {
                     .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
                 for message_id in expired_ids {
                     records.push(Record::Delivered {
-                        client_id: MqttStr::from(&*client_id),
+                        client_id: session.client.clone(),
                         message_id,
                     });
                 }
@@ -737,15 +738,15 @@ impl Conn {
                     // Also a barrier: everything submitted before (the `Sent` and `Released`
                     // records of the redeliveries just queued) is durable once it is.
                     records.push(Record::SessionUpsert {
-                        client_id: MqttStr::from(&*client_id),
+                        client_id: session.client.clone(),
                         protocol_level: protocol_level(v),
                         expiry_interval: expiry,
                     });
                 }
-                if g.has_will(&client_id) {
+                if g.has_will(session.client_id()) {
                     // A delayed will is cancelled by the client coming back [MQTT-3.1.3-9].
                     records.push(Record::WillDone {
-                        client_id: MqttStr::from(&*client_id),
+                        client_id: session.client.clone(),
                     });
                 }
             }
@@ -755,7 +756,7 @@ impl Conn {
         if let Some(commit) = commit
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %client_id, error = %e, "the write-ahead log failed: refusing the connection");
+            tracing::error!(client = %session.client_id(), error = %e, "the write-ahead log failed: refusing the connection");
             let _ = write_packet(wr, v, &refuse(ReasonCode::SERVER_UNAVAILABLE)).await;
             return None;
         }
@@ -791,7 +792,7 @@ impl Conn {
             return None;
         }
         Metrics::inc(&hub.metrics.connections_total);
-        tracing::debug!(client = %client_id, %peer, version = %v, session_present, "connected");
+        tracing::debug!(client = %session.client_id(), %peer, version = %v, session_present, "connected");
         Some(Conn {
             keep_alive: KeepAliveTimer::new(keep_alive, hub.started),
             hub,
@@ -875,7 +876,7 @@ impl Conn {
                 readable = r;
                 if self.keep_alive.expired(self.hub.started) {
                     Metrics::inc(&self.hub.metrics.keep_alive_timeouts);
-                    tracing::info!(client = %self.session.client_id, "keep alive expired");
+                    tracing::info!(client = %self.session.client_id(), "keep alive expired");
                     self.encode_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT);
                     let _ = io.write_all(&self.wbuf).await;
                     return Some(End::KeepAlive);
@@ -963,7 +964,7 @@ impl Conn {
             if end.is_none()
                 && let Some(e) = bad
             {
-                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: bad packet");
+                tracing::info!(client = %self.session.client_id(), error = %e, "closing connection: bad packet");
                 self.send_disconnect(&mut batch, e.reason_code());
                 end = Some(End::ProtocolError(e.reason_code()));
             }
@@ -990,7 +991,7 @@ impl Conn {
         if let Some(commit) = commit
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection unacknowledged");
+            tracing::error!(client = %self.session.client_id(), error = %e, "the write-ahead log failed: closing the connection unacknowledged");
             self.encode_disconnect(ReasonCode::UNSPECIFIED_ERROR);
             return Some(End::ProtocolError(ReasonCode::UNSPECIFIED_ERROR));
         }
@@ -1031,7 +1032,7 @@ impl Conn {
             && let Some(commit) = store.submit(records)
             && let Err(e) = commit.await
         {
-            tracing::error!(client = %self.session.client_id, error = %e, "the write-ahead log failed: closing the connection");
+            tracing::error!(client = %self.session.client_id(), error = %e, "the write-ahead log failed: closing the connection");
             return Err(End::Lost);
         }
         if !self.wbuf.is_empty() {
@@ -1077,7 +1078,7 @@ impl Conn {
                     .ticket_of(packet_id)
                     .and_then(|t| st.message_ids.get(&t).copied());
                 if let Some(message_id) = id {
-                    let client_id = self.session.client_str.clone();
+                    let client_id = self.session.client.clone();
                     records.push(if released {
                         Record::Released {
                             client_id,
@@ -1118,7 +1119,7 @@ impl Conn {
 
     fn encode(&mut self, p: &Packet) {
         if let Err(e) = self.encoder.encode(p, &mut self.wbuf) {
-            tracing::warn!(client = %self.session.client_id, error = %e, packet = %p.packet_type(), "packet not sent");
+            tracing::warn!(client = %self.session.client_id(), error = %e, packet = %p.packet_type(), "packet not sent");
         }
     }
 
@@ -1140,7 +1141,7 @@ impl Conn {
 
     /// Whether this session's state is in the durable store.
     fn durable(&self, guard: Option<&StoreGuard<'_>>) -> bool {
-        guard.is_some_and(|g| g.has_session(&self.session.client_id))
+        guard.is_some_and(|g| g.has_session(self.session.client_id()))
             && self.session.lock().expiry_interval > 0
     }
 
@@ -1150,7 +1151,7 @@ impl Conn {
     fn completed(&self, batch: &mut Batch, id: Option<u64>) {
         if let Some(message_id) = id {
             batch.lazy.push(Record::Delivered {
-                client_id: self.session.client_str.clone(),
+                client_id: self.session.client.clone(),
                 message_id,
             });
         }
@@ -1220,7 +1221,7 @@ impl Conn {
                 drop(st);
                 if res.is_ok() && self.durable(guard.as_deref()) {
                     batch.records.push(Record::ReleaseDone {
-                        client_id: self.session.client_str.clone(),
+                        client_id: self.session.client.clone(),
                         packet_id: r.packet_id,
                     });
                 }
@@ -1254,7 +1255,7 @@ impl Conn {
                     st.expiry_interval = e;
                     if durable && e > 0 {
                         batch.records.push(Record::SessionUpsert {
-                            client_id: self.session.client_str.clone(),
+                            client_id: self.session.client.clone(),
                             protocol_level: protocol_level(st.version),
                             expiry_interval: e,
                         });
@@ -1286,7 +1287,7 @@ impl Conn {
         match r {
             Ok(()) | Err(StateError::PacketIdNotFound { .. }) => None,
             Err(e) => {
-                tracing::info!(client = %self.session.client_id, error = %e, "closing connection: protocol error");
+                tracing::info!(client = %self.session.client_id(), error = %e, "closing connection: protocol error");
                 self.send_disconnect(batch, e.reason_code());
                 Some(End::ProtocolError(e.reason_code()))
             }
@@ -1350,13 +1351,13 @@ impl Conn {
         {
             // Remembered durably before PUBREC: a resend after a crash is not a new message.
             batch.records.push(Record::AwaitingRelease {
-                client_id: self.session.client_str.clone(),
+                client_id: self.session.client.clone(),
                 packet_id: id,
             });
         }
         let routed = self.hub.prepare(
             msg,
-            Some(&self.session.client_id),
+            Some(self.session.client_id()),
             guard,
             &mut batch.records,
         );
@@ -1422,7 +1423,7 @@ impl Conn {
                 .insert(filter.clone(), opts);
             if durable {
                 batch.records.push(Record::Subscribe {
-                    client_id: self.session.client_str.clone(),
+                    client_id: self.session.client.clone(),
                     filter,
                     options: sub.options,
                     subscription_id: id,
@@ -1451,11 +1452,11 @@ impl Conn {
                     if durable
                         && qos != QoS::AtMostOnce
                         && g.has_message(mid)
-                        && !g.owes(&self.session.client_id, mid)
+                        && !g.owes(self.session.client_id(), mid)
                         && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
                 {
                     batch.records.push(Record::Enqueue {
-                        client_id: self.session.client_str.clone(),
+                        client_id: self.session.client.clone(),
                         message_id: mid,
                         qos,
                         retain: true,
@@ -1489,11 +1490,11 @@ impl Conn {
         let durable = self.durable(guard.as_deref());
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.hub.unsubscribe(&self.session.client_id, f);
+            let existed = self.hub.unsubscribe(&self.session.client, f);
             self.session.lock().subscriptions.remove(f);
             if durable && existed {
                 batch.records.push(Record::Unsubscribe {
-                    client_id: self.session.client_str.clone(),
+                    client_id: self.session.client.clone(),
                     filter: f.clone(),
                 });
             }
@@ -1530,7 +1531,7 @@ impl Conn {
             }
             let _ = wr.shutdown().await;
         }
-        tracing::debug!(client = %self.session.client_id, ?end, "disconnected");
+        tracing::debug!(client = %self.session.client_id(), ?end, "disconnected");
         let hub = &self.hub;
         let mut expiry = 0;
         let detached = if end == End::TakenOver {
@@ -1578,14 +1579,14 @@ impl Conn {
                 properties,
             };
             if delay == 0 {
-                publish_will(hub, p, &self.session.client_id, false).await;
+                publish_will(hub, p, self.session.client_id(), false).await;
             } else {
                 let due = Instant::now() + Duration::from_secs(u64::from(delay));
                 if let Some(store) = &hub.store {
                     // Owed durably: a restart re-arms it (a persistent session only; a will
                     // cannot outlive its session, see the `min(expiry)` above).
                     let commit = store.submit(vec![Record::WillPending {
-                        client_id: self.session.client_str.clone(),
+                        client_id: self.session.client.clone(),
                         publish: storable(&p),
                         due_unix_ms: unix_ms_of(due),
                     }]);
@@ -1670,14 +1671,14 @@ pub(crate) fn schedule_will(hub: Arc<Hub>, session: Arc<Session>, will: Publish,
         };
         let registered = hub
             .sessions()
-            .get(&session.client_id)
+            .get(session.client_id())
             .is_some_and(|s| Arc::ptr_eq(s, &session));
         let back = registered && {
             let st = session.lock();
             st.is_online() || st.disconnected_at != left_at
         };
         if !back {
-            publish_will(&hub, will, &session.client_id, true).await;
+            publish_will(&hub, will, session.client_id(), true).await;
         }
     });
 }

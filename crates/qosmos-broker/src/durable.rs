@@ -649,9 +649,8 @@ pub(crate) fn restore(hub: &Arc<Hub>, state: DurableState) {
                 }
             }
         }
-        let client: Arc<str> = Arc::from(client_id.as_str());
-        let session = Arc::new(Session::new(client.clone(), st));
-        hub.sessions().insert(client, session.clone());
+        let session = Arc::new(Session::new(client_id.clone(), st));
+        hub.sessions().insert(session.clone());
         let subs: Vec<(MqttStr, SubOptions)> = session
             .lock()
             .subscriptions
@@ -684,9 +683,8 @@ pub(crate) fn restore(hub: &Arc<Hub>, state: DurableState) {
                 // The session is gone (it expired): the will is due now.
                 let hub = hub.clone();
                 let p = w.publish.clone();
-                let client = client_id.to_string();
                 let session = Arc::new(Session::new(
-                    Arc::from(client.as_str()),
+                    client_id.clone(),
                     new_session_state(&hub.limits, ProtocolVersion::V5, 0),
                 ));
                 schedule_will(hub, session, p, due);

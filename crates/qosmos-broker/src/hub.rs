@@ -4,7 +4,7 @@
 use crate::config::Limits;
 use crate::durable::{Store, StoreGuard, storable, unix_ms_of};
 use crate::metrics::Metrics;
-use crate::session::{Session, SubOptions};
+use crate::session::{Session, Sessions, SubOptions};
 use crate::store::{Commit, Record};
 use qosmos_mqtt::index::SubscriptionIndex;
 use qosmos_mqtt::topic::{self, parse_shared};
@@ -17,7 +17,7 @@ use std::time::Instant;
 /// Who a subscription belongs to: a client, and the share group for `$share/{group}/…`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct SubKey {
-    pub(crate) client: Arc<str>,
+    pub(crate) client: MqttStr,
     pub(crate) group: Option<Arc<str>>,
 }
 
@@ -42,7 +42,7 @@ pub(crate) struct Retained {
 pub(crate) struct Hub {
     pub(crate) limits: Limits,
     pub(crate) metrics: Metrics,
-    pub(crate) sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    pub(crate) sessions: Mutex<Sessions>,
     pub(crate) subs: RwLock<SubscriptionIndex<SubKey, SubEntry>>,
     pub(crate) retained: RwLock<BTreeMap<String, Retained>>,
     next_connection: AtomicU64,
@@ -99,7 +99,7 @@ impl Hub {
         Hub {
             limits,
             metrics: Metrics::default(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             subs: RwLock::new(SubscriptionIndex::new()),
             retained: RwLock::new(BTreeMap::new()),
             next_connection: AtomicU64::new(1),
@@ -113,7 +113,7 @@ impl Hub {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+    pub(crate) fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -136,7 +136,7 @@ impl Hub {
             None => (None, filter),
         };
         let key = SubKey {
-            client: session.client_id.clone(),
+            client: session.client.clone(),
             group,
         };
         let old = self.subs_write().insert(
@@ -154,7 +154,7 @@ impl Hub {
     }
 
     /// Removes a subscription from the index. Returns whether it existed.
-    pub(crate) fn unsubscribe(&self, client: &Arc<str>, filter: &str) -> bool {
+    pub(crate) fn unsubscribe(&self, client: &MqttStr, filter: &str) -> bool {
         let (group, inner) = match parse_shared(filter) {
             Some(s) => (Some(Arc::<str>::from(s.group)), s.filter),
             None => (None, filter),
@@ -197,22 +197,22 @@ impl Hub {
         records: &mut Vec<Record>,
     ) {
         let mut sessions = self.sessions();
-        if let Some(current) = sessions.get(&session.client_id)
+        if let Some(current) = sessions.get(session.client_id())
             && Arc::ptr_eq(current, session)
         {
-            sessions.remove(&session.client_id);
+            sessions.remove(session.client_id());
             if let Some(g) = guard
-                && g.has_session(&session.client_id)
+                && g.has_session(session.client_id())
             {
                 records.push(Record::SessionDelete {
-                    client_id: MqttStr::from(&*session.client_id),
+                    client_id: session.client.clone(),
                 });
             }
         }
         drop(sessions);
         let filters: Vec<MqttStr> = session.lock().subscriptions.keys().cloned().collect();
         for f in filters {
-            self.unsubscribe(&session.client_id, &f);
+            self.unsubscribe(&session.client, &f);
         }
         session.lock().subscriptions.clear();
     }
@@ -284,11 +284,11 @@ impl Hub {
             for d in &mut deliveries {
                 let mut st = d.session.lock();
                 let persistent = st.expiry_interval > 0;
-                if d.qos != QoS::AtMostOnce && persistent && g.has_session(&d.session.client_id) {
+                if d.qos != QoS::AtMostOnce && persistent && g.has_session(d.session.client_id()) {
                     let id = *message_id.get_or_insert_with(|| g.message_id());
                     d.durable = true;
                     owed.push(Record::Enqueue {
-                        client_id: d.session.client_str.clone(),
+                        client_id: d.session.client.clone(),
                         message_id: id,
                         qos: d.qos,
                         retain: d.retain,
@@ -301,7 +301,7 @@ impl Hub {
                     match d.held {
                         // After everything else of the append: see `StoreGuard::defer`.
                         Some(packet_id) => g.defer(Record::Sent {
-                            client_id: d.session.client_str.clone(),
+                            client_id: d.session.client.clone(),
                             message_id: id,
                             packet_id,
                         }),
@@ -457,7 +457,7 @@ impl Hub {
             && let (Some(store), Some(id)) = (&self.store, message_id)
         {
             store.lock().submit_lazy(vec![Record::Delivered {
-                client_id: session.client_str.clone(),
+                client_id: session.client.clone(),
                 message_id: id,
             }]);
         }
@@ -509,7 +509,7 @@ impl Hub {
                         s.outgoing.cancel_reserved_publish(pid);
                     }
                     Metrics::inc(&self.metrics.messages_dropped_too_large);
-                    tracing::warn!(client = %session.client_id, topic = %publish.topic, "message larger than the client's maximum packet size dropped");
+                    tracing::warn!(client = %session.client_id(), topic = %publish.topic, "message larger than the client's maximum packet size dropped");
                     return false;
                 }
             }
@@ -549,7 +549,7 @@ impl Hub {
                 s.dropped += 1;
                 Metrics::inc(&self.metrics.messages_dropped_queue_full);
                 if s.dropped.is_power_of_two() {
-                    tracing::warn!(client = %session.client_id, dropped = s.dropped, "session queue full: message dropped");
+                    tracing::warn!(client = %session.client_id(), dropped = s.dropped, "session queue full: message dropped");
                 }
                 false
             }

@@ -21,8 +21,9 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -30,14 +31,37 @@ use tokio::task::JoinSet;
 /// Names a parked connection: slab index in the low 32 bits, generation in the high 32.
 pub(crate) type Key = u64;
 
-/// The poller's token for its own waker (stop).
-const STOP: Token = Token(usize::MAX);
+/// The poller's token for its own waker (stop, or room to resume more).
+const WAKE: Token = Token(usize::MAX);
+
+/// At most this many connections resumed by the poller whose task has not started yet. When
+/// thousands of parked clients close at once (a load balancer restarting, a benchmark ending),
+/// the poller would otherwise spawn a task for each faster than the runtime runs them: measured,
+/// up to 0.4 kB per connection more at the peak for 10,000, where each task holds its parked
+/// state and its task cell until it runs. The rest stay parked, in order, until there is room.
+const RESUME_AHEAD: usize = 64;
+
+/// Connections the poller resumed whose task has not started yet, and how to tell the poller
+/// that there is room for more.
+struct Resuming {
+    count: AtomicUsize,
+    waker: mio::Waker,
+}
+
+impl Resuming {
+    /// A resumed task started: wakes the poller if this makes room for more.
+    fn started(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == RESUME_AHEAD {
+            let _ = self.waker.wake();
+        }
+    }
+}
 
 /// The broker's parked connections and the thread that watches their sockets.
 pub(crate) struct Parker {
     slab: Mutex<Slab>,
     registry: Registry,
-    stop_waker: mio::Waker,
+    resuming: Arc<Resuming>,
     stopping: AtomicBool,
     /// The poller thread is gone (it panicked): connections are not parked any more.
     broken: AtomicBool,
@@ -111,11 +135,14 @@ impl Parker {
     pub(crate) fn start(handle: Handle, hub: &Arc<Hub>) -> std::io::Result<Arc<Parker>> {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
-        let stop_waker = mio::Waker::new(poll.registry(), STOP)?;
+        let waker = mio::Waker::new(poll.registry(), WAKE)?;
         let parker = Arc::new(Parker {
             slab: Mutex::new(Slab::default()),
             registry,
-            stop_waker,
+            resuming: Arc::new(Resuming {
+                count: AtomicUsize::new(0),
+                waker,
+            }),
             stopping: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             handle,
@@ -154,6 +181,9 @@ impl Parker {
         }
         let _guard = Broken(self);
         let mut events = Events::with_capacity(256);
+        // Sockets readable (or closed) whose connection waits for room to be resumed, in the
+        // order they came. A key gone stale meanwhile (woken otherwise) takes nothing.
+        let mut deferred: VecDeque<Key> = VecDeque::new();
         loop {
             if let Err(e) = poll.poll(&mut events, None) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -165,13 +195,28 @@ impl Parker {
                 continue;
             }
             for event in events.iter() {
-                if event.token() == STOP {
+                if event.token() == WAKE {
                     if self.stopping.load(Ordering::Acquire) {
                         return;
                     }
                     continue;
                 }
-                self.unpark(event.token().0 as Key);
+                deferred.push_back(event.token().0 as Key);
+            }
+            while self.resuming.count.load(Ordering::Acquire) < RESUME_AHEAD
+                && let Some(key) = deferred.pop_front()
+            {
+                if let Some(parked) = self.take(key) {
+                    self.resuming.count.fetch_add(1, Ordering::AcqRel);
+                    let resuming = self.resuming.clone();
+                    self.spawn(async move {
+                        resuming.started();
+                        crate::connection::resume(parked).await;
+                    });
+                }
+            }
+            if deferred.capacity() > 4096 && deferred.len() < 1024 {
+                deferred.shrink_to(1024);
             }
         }
     }
@@ -306,7 +351,7 @@ impl Parker {
                 .filter_map(|(_, e)| e.parked.take())
                 .collect()
         };
-        let _ = self.stop_waker.wake();
+        let _ = self.resuming.waker.wake();
         self.tasks().abort_all();
         if let Some(hub) = self.hub.upgrade() {
             hub.metrics

@@ -4,7 +4,7 @@
 use crate::park::{Key, Parker};
 use qosmos_mqtt::state::{Incoming, Outgoing, OutgoingConfig, Ticket};
 use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -22,10 +22,67 @@ pub(crate) struct SubOptions {
 /// A session, shared between the connection that owns it (if any) and the router.
 #[derive(Debug)]
 pub(crate) struct Session {
-    pub(crate) client_id: Arc<str>,
-    /// The client identifier as the store's records hold it (shared, not copied per record).
-    pub(crate) client_str: MqttStr,
+    /// The client identifier: the one copy the broker keeps (the session map's key, the
+    /// subscription index's and the store's records share it).
+    pub(crate) client: MqttStr,
     state: Mutex<SessionState>,
+}
+
+/// The broker's sessions by client identifier. A set of the sessions themselves, looked up by
+/// the identifier each one holds: a map keyed by a copy of it would keep that copy, and a key
+/// and a value, for every session (memory per idle connection is a measured goal).
+#[derive(Debug, Default)]
+pub(crate) struct Sessions(HashSet<ByClient>);
+
+/// A session as a [`Sessions`] entry: hashed and compared by its client identifier.
+#[derive(Debug)]
+struct ByClient(Arc<Session>);
+
+impl std::borrow::Borrow<str> for ByClient {
+    fn borrow(&self) -> &str {
+        self.0.client_id()
+    }
+}
+
+impl PartialEq for ByClient {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_id() == other.0.client_id()
+    }
+}
+
+impl Eq for ByClient {}
+
+impl Hash for ByClient {
+    /// As `str` hashes, so that lookups by `&str` find it.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.client_id().hash(state);
+    }
+}
+
+impl Sessions {
+    /// The session of `client`.
+    pub(crate) fn get(&self, client: &str) -> Option<&Arc<Session>> {
+        self.0.get(client).map(|s| &s.0)
+    }
+
+    /// Registers `session` under its client identifier; returns the one it replaces.
+    pub(crate) fn insert(&mut self, session: Arc<Session>) -> Option<Arc<Session>> {
+        self.0.replace(ByClient(session)).map(|s| s.0)
+    }
+
+    /// Removes the session of `client`.
+    pub(crate) fn remove(&mut self, client: &str) -> Option<Arc<Session>> {
+        self.0.take(client).map(|s| s.0)
+    }
+
+    /// Every session, in no order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.0.iter().map(|s| &s.0)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 #[derive(Debug)]
@@ -355,12 +412,16 @@ impl Wake {
 }
 
 impl Session {
-    pub(crate) fn new(client_id: Arc<str>, state: SessionState) -> Session {
+    pub(crate) fn new(client: MqttStr, state: SessionState) -> Session {
         Session {
-            client_str: MqttStr::from(&*client_id),
-            client_id,
+            client,
             state: Mutex::new(state),
         }
+    }
+
+    /// The client identifier.
+    pub(crate) fn client_id(&self) -> &str {
+        self.client.as_str()
     }
 
     /// Locks the state. A panic elsewhere while holding the lock must not take the broker down,
@@ -459,6 +520,29 @@ mod tests {
             options: SubscriptionOptions::with_qos(qos),
             id: None,
         }
+    }
+
+    /// Sessions are found by the client identifier they hold; a new session for the same
+    /// client replaces the old one.
+    #[test]
+    fn sessions_are_found_by_their_client_identifier() {
+        let limits = crate::config::Limits::default();
+        let state = || crate::connection::new_session_state(&limits, ProtocolVersion::V5, 0);
+        let mut sessions = Sessions::default();
+        let a = Arc::new(Session::new(MqttStr::from("a"), state()));
+        let b = Arc::new(Session::new(MqttStr::from("b"), state()));
+        assert!(sessions.insert(a.clone()).is_none());
+        assert!(sessions.insert(b.clone()).is_none());
+        assert!(Arc::ptr_eq(sessions.get("a").expect("a"), &a));
+        assert!(sessions.get("c").is_none());
+        let a2 = Arc::new(Session::new(MqttStr::from(String::from("a")), state()));
+        let old = sessions.insert(a2.clone()).expect("replaced");
+        assert!(Arc::ptr_eq(&old, &a));
+        assert!(Arc::ptr_eq(sessions.get("a").expect("a"), &a2));
+        assert_eq!(sessions.len(), 2);
+        assert!(Arc::ptr_eq(&sessions.remove("b").expect("b"), &b));
+        assert!(sessions.remove("b").is_none());
+        assert_eq!(sessions.values().count(), 1);
     }
 
     /// The small and the large form keep the same map: sorted, one entry per filter, the

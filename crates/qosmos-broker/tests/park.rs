@@ -244,3 +244,49 @@ async fn connections_parked_at_connect_answer_what_comes_at_once() {
     assert_eq!(b.metric("clients_connected"), 296);
     b.stop().await;
 }
+
+/// Hundreds of parked clients lost at once are resumed a few at a time (the poller keeps at
+/// most 64 resumed connections waiting for the runtime, the rest parked in order): every one
+/// is handled all the same, its will published, none left behind.
+#[tokio::test]
+async fn many_parked_connections_lost_at_once_all_publish_their_wills() {
+    const N: usize = 300;
+    let b = TestBroker::start(limits()).await;
+    let mut watcher = connect_parked(&b, "p-watch-many", 1).await;
+    watcher
+        .send(&subscribe("p/wills/#", QoS::AtLeastOnce))
+        .await;
+    assert!(matches!(watcher.expect().await, Packet::SubAck(_)));
+    let mut lost = Vec::new();
+    for i in 0..N {
+        let mut connect = RawClient::connect_packet(V, &format!("p-lost-{i}"), true);
+        connect.will = Some(LastWill {
+            topic: format!("p/wills/{i}").as_str().into(),
+            payload: "gone".into(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        });
+        let (c, ack) = RawClient::connect(b.addr, connect).await;
+        assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+        lost.push(c);
+    }
+    wait_parked(&b, N as u64 + 1).await;
+    drop(lost);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < N {
+        match watcher.expect().await {
+            Packet::Publish(p) => {
+                assert_eq!(&p.payload[..], b"gone");
+                assert!(seen.insert(p.topic.to_string()), "will twice: {}", p.topic);
+            }
+            other => panic!("expected a will, got {other:?}"),
+        }
+    }
+    wait_until("only the watcher connected", || {
+        b.metric("clients_connected") == 1
+    })
+    .await;
+    wait_parked(&b, 1).await;
+    b.stop().await;
+}
