@@ -21,6 +21,9 @@
 #   --rates L   only these scenarios, e.g. "r1000" or "max r1000" (default: max r100 r1000)
 #   --conns N   keep-alive connections per load process (default 8; 2 processes), the
 #               same for every stack
+#   --py-load   drive both stacks with load.py (Python) instead of the Rust generator
+#               (target/release/examples/orders_load, built here; same body, ack check
+#               and output, a fraction of the CPU)
 #
 # Every scenario starts its stack fresh (new database, new broker) on free loopback
 # ports and stops it afterwards; each process also runs under `timeout`, so nothing
@@ -44,6 +47,7 @@ BASELINE=""
 STAGES=0
 RATES="max r100 r1000"
 CONNS=8
+PYLOAD=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -56,7 +60,8 @@ while [ $# -gt 0 ]; do
         --stages) STAGES=1 ;;
         --rates) RATES="${2:-}"; shift ;;
         --conns) CONNS="${2:-}"; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        --py-load) PYLOAD=1 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -83,9 +88,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 QOSMOS="$ROOT/target/release/qosmos"
+LOADGEN="$ROOT/target/release/examples/orders_load"
 if [ "$ONLY" != seed ]; then
     if [ "$BUILD" = 1 ]; then (cd "$ROOT" && cargo build --release -p qosmos); fi
     [ -x "$QOSMOS" ] || { echo "run.sh: $QOSMOS missing (cargo build --release -p qosmos)" >&2; exit 1; }
+fi
+if [ "$PYLOAD" = 0 ]; then
+    if [ "$BUILD" = 1 ]; then (cd "$ROOT" && cargo build --release -p qosmos-orders --example orders_load); fi
+    [ -x "$LOADGEN" ] || { echo "run.sh: $LOADGEN missing (cargo build --release -p qosmos-orders --example orders_load)" >&2; exit 1; }
+    LOAD=("$LOADGEN")
+else
+    LOAD=("$PY" "$HERE/load.py")
 fi
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -200,7 +213,7 @@ scenario() {
     esac
     timeout_s=$((n / 50 + 60))
     echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
-    timeout $((timeout_s + 60)) "$PY" "$HERE/load.py" --url "$URL" --orders "$n" --stores $STORES \
+    timeout $((timeout_s + 60)) "${LOAD[@]}" --url "$URL" --orders "$n" --stores $STORES \
         --rate "$rate" --conns "$CONNS" --procs 2 --timeout $timeout_s \
         --store-out "$dir/store-*.out" --label "$label" --dump "$dir/orders.jsonl" \
         >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true

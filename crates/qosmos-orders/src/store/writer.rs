@@ -9,9 +9,14 @@
 //! that arrive while a commit is syncing wait for the next batch, so batches grow with the
 //! load by themselves; there is no timer and no added latency when the load is light.
 //!
-//! Each request runs inside its own `SAVEPOINT`: a request that fails (an unknown order, a
-//! reused idempotency key, a constraint the database refuses) is rolled back alone and
-//! answered with its error; the others in the batch commit. Requests see the effects of
+//! A request that fails (an unknown order, a reused idempotency key, a constraint the
+//! database refuses) is answered with its error and leaves nothing behind; the others in
+//! the batch commit. The first three are found by reads before the request writes
+//! anything; a database error may strike after a request's first write, and then the
+//! transaction is rolled back and the batch applied again with each request in a
+//! `SAVEPOINT` of its own, so that the failing one is rolled back alone (savepoints cost
+//! two statements and a statement journal per request, so they are not used when nothing
+//! fails). Requests see the effects of
 //! those before them in the batch (one connection, one transaction), so two `create`s with
 //! one idempotency key in one batch store one order and the second is answered with it.
 //!
@@ -400,9 +405,37 @@ fn feed(feeds: &Feeds, answers: &[Pending]) {
     }
 }
 
+/// What one request came to, before its caller is answered.
+enum Outcome {
+    Create(Result<Created, CreateError>),
+    Transition(Result<Transition, TransitionError>),
+    /// Not a write (`Close`, a test's closure).
+    Nothing,
+}
+
+impl Outcome {
+    /// An error after which the request may have written part of what it meant to (a
+    /// database error): in the pass without savepoints, the transaction must be rolled
+    /// back. The other errors (an unknown order, another store's order, a reused key) are
+    /// found by reads before any write.
+    fn is_dirty(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Create(Err(CreateError::Store(_)))
+                | Outcome::Transition(Err(TransitionError::Store(_)))
+        )
+    }
+}
+
 /// Applies `batch` in one transaction; `answers` gets one entry per request. `true` when
 /// a transaction was committed. On an error every request still gets its entry (answered
 /// with the error by the caller) and a `Close` in the batch is still taken.
+///
+/// The batch is first applied without savepoints (two statements fewer per request, and no
+/// statement journal): almost always nothing fails. When a request fails with a database
+/// error (which may leave half of it written), the whole transaction is rolled back and
+/// the batch applied again with a savepoint per request, so that the failing one is rolled
+/// back alone and the others commit (`a_failing_item_is_rolled_back_alone`).
 fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
@@ -411,64 +444,100 @@ fn apply(
     ids: &IdGenerator,
 ) -> Result<bool, StoreError> {
     let writes = batch.iter().filter(|r| r.is_write()).count();
-    let mut reqs = batch.drain(..);
     let result = (|| {
-        if writes > 0 {
+        if writes == 0 {
+            return pass(conn, batch, ids, false);
+        }
+        control(conn, "BEGIN IMMEDIATE")?;
+        let mut outcomes = pass(conn, batch, ids, false)?;
+        if outcomes.iter().any(Outcome::is_dirty) {
+            control(conn, "ROLLBACK")?;
             control(conn, "BEGIN IMMEDIATE")?;
+            outcomes = pass(conn, batch, ids, true)?;
         }
-        for req in reqs.by_ref() {
-            match req {
-                Request::Create { new, key, reply } => {
-                    let r = item(conn, |c| create(c, ids, &new, key.as_ref()))?;
-                    answers.push(Pending::Create(reply, r));
-                }
-                Request::Dispatched { id, reply } => {
-                    let r = item(conn, |c| mark_dispatched(c, &id))?;
-                    answers.push(Pending::Transition(reply, r));
-                }
-                Request::Ack {
-                    id,
-                    from,
-                    outcome,
-                    reason,
-                    reply,
-                } => {
-                    let r = item(conn, |c| {
-                        record_ack(c, &id, from.as_ref(), outcome, reason.as_deref())
-                    })?;
-                    answers.push(Pending::Transition(reply, r));
-                }
-                #[cfg(test)]
-                Request::With(f) => f(conn),
-                Request::Close(done) => *close = Some(done),
-            }
-        }
-        if writes > 0 {
-            control(conn, "COMMIT")?;
-        }
-        Ok(writes > 0)
+        control(conn, "COMMIT")?;
+        Ok(outcomes)
     })();
-    // Not reached because of an error: listed so that they are answered with it.
-    for req in reqs {
-        match req {
-            Request::Create { reply, .. } => {
-                answers.push(Pending::Create(
-                    reply,
-                    Err(CreateError::Store(StoreError::Closed)),
-                ));
+    let list = match result {
+        Ok(o) => o,
+        Err(e) => {
+            // Answered with the error by the caller (Pending::fail).
+            for req in batch.drain(..) {
+                match req {
+                    Request::Create { reply, .. } => answers.push(Pending::Create(
+                        reply,
+                        Err(CreateError::Store(StoreError::Closed)),
+                    )),
+                    Request::Dispatched { reply, .. } | Request::Ack { reply, .. } => {
+                        answers.push(Pending::Transition(
+                            reply,
+                            Err(TransitionError::Store(StoreError::Closed)),
+                        ));
+                    }
+                    #[cfg(test)]
+                    Request::With(_) => {}
+                    Request::Close(done) => *close = Some(done),
+                }
             }
-            Request::Dispatched { reply, .. } | Request::Ack { reply, .. } => {
-                answers.push(Pending::Transition(
-                    reply,
-                    Err(TransitionError::Store(StoreError::Closed)),
-                ));
+            return Err(e);
+        }
+    };
+    for (req, outcome) in batch.drain(..).zip(list) {
+        match (req, outcome) {
+            (Request::Create { reply, .. }, Outcome::Create(r)) => {
+                answers.push(Pending::Create(reply, r));
             }
-            #[cfg(test)]
-            Request::With(_) => {}
-            Request::Close(done) => *close = Some(done),
+            (
+                Request::Dispatched { reply, .. } | Request::Ack { reply, .. },
+                Outcome::Transition(r),
+            ) => answers.push(Pending::Transition(reply, r)),
+            (Request::Close(done), _) => *close = Some(done),
+            // A closure (tests), or a mismatch that `pass` cannot produce: answered by
+            // dropping the reply sender.
+            _ => {}
         }
     }
-    result
+    Ok(writes > 0)
+}
+
+/// Runs every request of `batch` (in the open transaction), each in a savepoint of its
+/// own when `savepoints`; one outcome per request, in order. The outer error (a savepoint
+/// statement failed) fails the whole batch. A test's closure runs once, in the first pass.
+fn pass(
+    conn: &mut Connection,
+    batch: &mut [Request],
+    ids: &IdGenerator,
+    savepoints: bool,
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut out = Vec::with_capacity(batch.len());
+    for req in batch.iter_mut() {
+        let o = match req {
+            Request::Create { new, key, .. } => Outcome::Create(item(conn, savepoints, |c| {
+                create(c, ids, new, key.as_ref())
+            })?),
+            Request::Dispatched { id, .. } => {
+                Outcome::Transition(item(conn, savepoints, |c| mark_dispatched(c, id))?)
+            }
+            Request::Ack {
+                id,
+                from,
+                outcome,
+                reason,
+                ..
+            } => Outcome::Transition(item(conn, savepoints, |c| {
+                record_ack(c, id, from.as_ref(), *outcome, reason.as_deref())
+            })?),
+            #[cfg(test)]
+            Request::With(f) => {
+                let f = std::mem::replace(f, Box::new(|_| {}));
+                f(conn);
+                Outcome::Nothing
+            }
+            Request::Close(_) => Outcome::Nothing,
+        };
+        out.push(o);
+    }
+    Ok(out)
 }
 
 /// Runs one of the transaction statements (`BEGIN IMMEDIATE`, `COMMIT`, `SAVEPOINT item`,
@@ -479,13 +548,17 @@ fn control(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Runs one request inside a savepoint: rolled back alone when it fails. The outer error
-/// (the savepoint itself failed) fails the whole batch: what the transaction holds is then
-/// unknown, so nothing of it may be committed.
+/// Runs one request, inside a savepoint when `savepoint` (then rolled back alone when it
+/// fails). The outer error (the savepoint itself failed) fails the whole batch: what the
+/// transaction holds is then unknown, so nothing of it may be committed.
 fn item<T, E>(
     conn: &Connection,
+    savepoint: bool,
     f: impl FnOnce(&Connection) -> Result<T, E>,
 ) -> Result<Result<T, E>, StoreError> {
+    if !savepoint {
+        return Ok(f(conn));
+    }
     control(conn, "SAVEPOINT item")?;
     let r = f(conn);
     if r.is_ok() {
@@ -502,7 +575,8 @@ fn create(
     new: &NewOrder,
     key: Option<&IdempotencyKey>,
 ) -> Result<Created, CreateError> {
-    let fingerprint = new.fingerprint();
+    // Only an idempotency key needs the request's fingerprint (a SHA-256 of it).
+    let fingerprint = key.map(|_| new.fingerprint()).unwrap_or_default();
     if let Some(key) = key {
         let existing: Option<(String, String)> = conn
             .prepare_cached("SELECT order_id, request_hash FROM idempotency_keys WHERE key = ?1")
@@ -596,24 +670,29 @@ fn summary(conn: &Connection, id: &OrderId) -> Result<Option<OrderSummary>, Stor
     row.map(super::summary_from_row).transpose()
 }
 
-/// The order's status, owner, and the time of its last history entry.
+/// The order's status, owner, dispatch attempts, and the time of its last history entry.
 fn current(
     conn: &Connection,
     id: &OrderId,
-) -> Result<(Status, String, Option<Timestamp>), TransitionError> {
-    let row: Option<(String, String, Option<i64>)> = conn
+) -> Result<(Status, String, i64, Option<Timestamp>), TransitionError> {
+    let row: Option<(String, String, i64, Option<i64>)> = conn
         .prepare_cached(
-            "SELECT status, store_id, (SELECT MAX(at) FROM order_history WHERE order_id = ?1) \
+            "SELECT status, store_id, dispatch_attempts, \
+               (SELECT MAX(at) FROM order_history WHERE order_id = ?1) \
              FROM orders WHERE id = ?1",
         )
         .map_err(StoreError::from)?
-        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row([id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()
         .map_err(StoreError::from)?;
-    let (status, store, last) = row.ok_or_else(|| TransitionError::NotFound(id.clone()))?;
+    let (status, store, attempts, last) =
+        row.ok_or_else(|| TransitionError::NotFound(id.clone()))?;
     Ok((
         parse_status(id.as_str(), &status)?,
         store,
+        attempts,
         last.map(Timestamp::from_micros),
     ))
 }
@@ -638,7 +717,7 @@ fn insert_history(
 }
 
 fn mark_dispatched(conn: &Connection, id: &OrderId) -> Result<Transition, TransitionError> {
-    let (status, _, last_at) = current(conn, id)?;
+    let (status, _, attempts, last_at) = current(conn, id)?;
     let at = next_at(last_at);
     let outcome = match status {
         Status::Received => {
@@ -653,16 +732,18 @@ fn mark_dispatched(conn: &Connection, id: &OrderId) -> Result<Transition, Transi
             return Ok(Transition::Ignored { current: status });
         }
     };
-    let attempts: i64 = conn
-        .prepare_cached(
-            "UPDATE orders SET status = 'dispatched', \
-               updated_at = CASE WHEN status = 'dispatched' THEN updated_at ELSE ?2 END, \
-               dispatch_attempts = dispatch_attempts + 1, last_dispatched_at = ?2 \
-             WHERE id = ?1 RETURNING dispatch_attempts",
-        )
-        .map_err(StoreError::from)?
-        .query_row(params![id.as_str(), at.as_micros()], |r| r.get(0))
-        .map_err(StoreError::from)?;
+    // No `RETURNING dispatch_attempts`: SQLite runs it through a temporary table opened
+    // and closed per statement; the count read by `current` in the same transaction is
+    // the one this statement increments.
+    conn.prepare_cached(
+        "UPDATE orders SET status = 'dispatched', \
+           updated_at = CASE WHEN status = 'dispatched' THEN updated_at ELSE ?2 END, \
+           dispatch_attempts = dispatch_attempts + 1, last_dispatched_at = ?2 \
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id.as_str(), at.as_micros()]))
+    .map_err(StoreError::from)?;
+    let attempts = attempts.saturating_add(1);
     Ok(match outcome {
         Transition::Redispatched { .. } => Transition::Redispatched {
             attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
@@ -679,7 +760,7 @@ fn record_ack(
     reason: Option<&str>,
 ) -> Result<Transition, TransitionError> {
     let to = Status::from(outcome);
-    let (status, owner, last_at) = current(conn, id)?;
+    let (status, owner, _, last_at) = current(conn, id)?;
     if from.is_some_and(|f| f.as_str() != owner) {
         return Err(TransitionError::WrongStore {
             order_id: id.clone(),
