@@ -10,7 +10,11 @@
 //! (`Delivered`) go through [`StoreGuard::submit_lazy`]: queued for the mirror at once, handed to
 //! the log with the next append or after at most 2 ms, never awaited. Records that need only
 //! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
-//! routed) go through [`StoreGuard::defer`] to its end, where they pack together.
+//! routed) go through [`StoreGuard::defer`] to its end, where they pack together. Records known
+//! before the lock is taken (a connection's flush: `Sent`, `Released`; a read of
+//! acknowledgements only: `Delivered`) go through [`Store::submit`] and [`Store::submit_lazy`],
+//! which pack and encode them first, so that the lock covers only what needs its order: adding
+//! them to the log's queue and the mirror's.
 //!
 //! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
 //! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the

@@ -862,4 +862,31 @@ mod tests {
         log.push(Record::RetainedClear { topic: "r".into() });
         assert!(DurableState::replay(log).messages.is_empty());
     }
+
+    /// Consecutive message ids (what the broker hands out) must not share the hash table's
+    /// tags (the top 7 bits) or collide: with an identity hash every tag would be 0 and each
+    /// lookup would compare keys all along its probe.
+    #[test]
+    fn id_hasher_spreads_consecutive_ids() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let hashes: Vec<u64> = (1..=4096u64).map(|id| build.hash_one(id)).collect();
+        let distinct: HashSet<u64> = hashes.iter().copied().collect();
+        assert_eq!(distinct.len(), hashes.len());
+        let tags: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert_eq!(tags.len(), 128, "every 7-bit tag is used");
+        let mut map = MessageMap::default();
+        for id in 1..=10_000u64 {
+            map.insert(id, message(id));
+        }
+        assert!((1..=10_000u64).all(|id| map.get(&id).is_some_and(|m| m.refs == id as usize)));
+    }
+
+    fn message(id: u64) -> StoredMessage {
+        StoredMessage {
+            publish: publish("t", QoS::AtLeastOnce),
+            expires_at_unix_ms: None,
+            refs: id as usize,
+        }
+    }
 }
