@@ -971,20 +971,20 @@ impl Conn {
             let must_wait = !batch.records.is_empty();
             let mut records = std::mem::take(&mut batch.records);
             records.append(&mut batch.lazy);
-            if guard.is_none()
-                && !records.is_empty()
-                && let Some(store) = &hub.store
-            {
-                guard = Some(store.lock());
-            }
             // Only records whose loss costs a resend (`Delivered`): they ride with a later append.
-            let commit = match guard.as_mut() {
-                Some(g) if must_wait => g.submit(records),
-                Some(g) => {
+            // Without the lock (acknowledgements only), they are encoded before it is taken.
+            let commit = match (guard.as_mut(), &hub.store) {
+                (Some(g), _) if must_wait => g.submit(records),
+                (Some(g), _) => {
                     g.submit_lazy(records);
                     None
                 }
-                None => None,
+                (None, Some(store)) if must_wait => store.submit(records),
+                (None, Some(store)) => {
+                    store.submit_lazy(records);
+                    None
+                }
+                (None, None) => None,
             };
             (end, commit)
         };

@@ -10,7 +10,11 @@
 //! (`Delivered`) go through [`StoreGuard::submit_lazy`]: queued for the mirror at once, handed to
 //! the log with the next append or after at most 2 ms, never awaited. Records that need only
 //! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
-//! routed) go through [`StoreGuard::defer`] to its end, where they pack together.
+//! routed) go through [`StoreGuard::defer`] to its end, where they pack together. Records known
+//! before the lock is taken (a connection's flush: `Sent`, `Released`; a read of
+//! acknowledgements only: `Delivered`) go through [`Store::submit`] and [`Store::submit_lazy`],
+//! which pack and encode them first, so that the lock covers only what needs its order: adding
+//! them to the log's queue and the mirror's.
 //!
 //! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
 //! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the
@@ -252,9 +256,19 @@ impl Store {
         }
     }
 
-    /// Submits `records` (see [`StoreGuard::submit`]) under the lock.
+    /// Submits `records` (see [`StoreGuard::submit`]), packed and encoded before the lock is
+    /// taken: the lock then covers only what needs its order.
     pub(crate) fn submit(&self, records: Vec<Record>) -> Option<Commit> {
-        self.lock().submit(records)
+        let encoded = Encoded::new(records)?;
+        Some(self.lock().submit_encoded(encoded))
+    }
+
+    /// Submits `records` lazily (see [`StoreGuard::submit_lazy`]), packed and encoded before
+    /// the lock is taken.
+    pub(crate) fn submit_lazy(&self, records: Vec<Record>) {
+        if let Some(encoded) = Encoded::new(records) {
+            self.lock().submit_lazy_encoded(encoded);
+        }
     }
 
     /// The log's counters.
@@ -333,44 +347,62 @@ impl StoreGuard<'_> {
     /// waiting from [`StoreGuard::submit_lazy`] go first, in the same append.
     pub(crate) fn submit(&mut self, mut records: Vec<Record>) -> Option<Commit> {
         records.append(&mut self.deferred);
-        let packed = Record::pack(records)?;
-        let mut buf = std::mem::take(&mut self.inner.lazy);
-        let mut count = std::mem::take(&mut self.inner.lazy_records);
-        match encode_framed(&packed, &mut buf) {
-            Ok(n) => count += n,
-            Err(e) => {
-                // The waiting records stay for the next append.
-                self.inner.lazy = buf;
-                self.inner.lazy_records = count;
-                return Some(Commit::ready(Err(e)));
-            }
-        }
-        self.mirror(packed);
+        let encoded = Encoded::new(records)?;
+        Some(self.submit_encoded(encoded))
+    }
+
+    /// [`StoreGuard::submit`] of records already packed and encoded.
+    fn submit_encoded(&mut self, encoded: Encoded) -> Commit {
+        let (frames, n) = match encoded.frames {
+            Ok(f) => f,
+            // The waiting lazy records stay for the next append.
+            Err(e) => return Commit::ready(Err(e)),
+        };
+        let inner = &mut *self.inner;
+        let count = std::mem::take(&mut inner.lazy_records) + n;
+        let buf = if inner.lazy.is_empty() {
+            frames
+        } else {
+            let mut buf = std::mem::take(&mut inner.lazy);
+            buf.extend_from_slice(&frames);
+            buf
+        };
+        self.mirror(encoded.packed);
         let commit = self
             .store
             .wal
             .permit_now()
             .append_frames(Vec::from(buf), count);
         self.maybe_compact();
-        Some(commit)
+        commit
     }
 
     /// [`StoreGuard::submit`] for records whose loss costs only a resend (`Delivered`): they
     /// are not handed to the log at once but wait, up to [`LAZY_DELAY`], to go with the next
     /// append, saving the writer a wake-up and a write. Applied to the mirror now.
     pub(crate) fn submit_lazy(&mut self, records: Vec<Record>) {
-        let Some(packed) = Record::pack(records) else {
-            return;
-        };
-        let inner = &mut *self.inner;
-        match encode_framed(&packed, &mut inner.lazy) {
-            Ok(n) => inner.lazy_records += n,
+        if let Some(encoded) = Encoded::new(records) {
+            self.submit_lazy_encoded(encoded);
+        }
+    }
+
+    /// [`StoreGuard::submit_lazy`] of records already packed and encoded.
+    fn submit_lazy_encoded(&mut self, encoded: Encoded) {
+        let (frames, n) = match encoded.frames {
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "records not encodable");
                 return;
             }
+        };
+        let inner = &mut *self.inner;
+        if inner.lazy.is_empty() {
+            inner.lazy = frames;
+        } else {
+            inner.lazy.extend_from_slice(&frames);
         }
-        self.mirror(packed);
+        inner.lazy_records += n;
+        self.mirror(encoded.packed);
         let inner = &mut *self.inner;
         if inner.lazy.len() >= LAZY_MAX_BYTES {
             drop(self.flush_lazy());
@@ -455,6 +487,24 @@ impl Drop for Store {
         self.mirror.close();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         drop(take_lazy(&self.wal, &mut inner));
+    }
+}
+
+/// Records packed into one ([`Record::pack`]) and framed for the log, ready to append: work
+/// done before the store lock is taken when the records are known by then.
+struct Encoded {
+    packed: Record,
+    /// The frames and how many, or why they could not be encoded.
+    frames: Result<(BytesMut, u64), StoreError>,
+}
+
+impl Encoded {
+    /// `None` for no records.
+    fn new(records: Vec<Record>) -> Option<Encoded> {
+        let packed = Record::pack(records)?;
+        let mut buf = BytesMut::new();
+        let frames = encode_framed(&packed, &mut buf).map(|n| (buf, n));
+        Some(Encoded { packed, frames })
     }
 }
 

@@ -72,7 +72,7 @@ mod writer;
 pub use error::StoreError;
 pub use record::{RECORD_VERSION, Record, RecordError, SessionOp};
 pub use state::{
-    Delivery, DeliveryStage, DurableState, PendingWill, SessionState, StoredMessage,
-    StoredSubscription,
+    Delivery, DeliveryStage, DurableState, IdHasher, MessageMap, PendingWill, SessionState,
+    StoredMessage, StoredSubscription,
 };
 pub use wal::{AppendPermit, Commit, FsyncPolicy, Recovered, Wal, WalConfig, WalStats};

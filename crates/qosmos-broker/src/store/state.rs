@@ -4,6 +4,35 @@
 use super::record::{Record, SessionOp};
 use qosmos_mqtt::{MqttStr, PacketId, Publish, QoS, SubscriptionOptions};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Message ids → stored messages, hashed with [`IdHasher`].
+pub type MessageMap = HashMap<u64, StoredMessage, BuildHasherDefault<IdHasher>>;
+
+/// The hasher of the maps keyed by message id: ids are chosen by the broker (a counter), not
+/// by peers, so they need no protection against collision attacks, and SipHash cost the
+/// mirror as much as a lookup. A multiplication spreads consecutive ids over the whole word,
+/// high bits included (where the hash table takes its tags from).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u64 keys; kept correct for any other.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the multiplier is 2^64 / the golden ratio, odd.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed
 /// deliveries, stored messages, retained messages and pending wills.
@@ -20,7 +49,7 @@ pub struct DurableState {
     /// Stored messages by id, each with the number of deliveries and retained topics that
     /// reference it. A hash map: a message is stored and dropped for every delivery, and a
     /// B-tree would shift its (large) values around on each.
-    pub messages: HashMap<u64, StoredMessage>,
+    pub messages: MessageMap,
     /// Retained messages: topic name → message id.
     pub retained: BTreeMap<MqttStr, u64>,
     /// Wills owed, by client identifier.
@@ -39,7 +68,7 @@ pub struct SessionState {
     /// Deliveries owed, in the order they were enqueued; at most one per message.
     pub queue: VecDeque<Delivery>,
     /// The message ids in `queue`: finds a repeated `Enqueue` without scanning the queue.
-    queued: HashSet<u64>,
+    queued: HashSet<u64, BuildHasherDefault<IdHasher>>,
     /// Incoming QoS 2 packet identifiers whose PUBREL is awaited.
     pub awaiting_release: BTreeSet<PacketId>,
 }
@@ -155,17 +184,20 @@ impl DurableState {
                 id,
                 publish,
                 expires_at_unix_ms,
-            } => {
-                let refs = self.messages.get(&id).map_or(0, |m| m.refs);
-                self.messages.insert(
-                    id,
-                    StoredMessage {
+            } => match self.messages.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let m = e.get_mut();
+                    m.publish = publish;
+                    m.expires_at_unix_ms = expires_at_unix_ms;
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(StoredMessage {
                         publish,
                         expires_at_unix_ms,
-                        refs,
-                    },
-                );
-            }
+                        refs: 0,
+                    });
+                }
+            },
             Record::MessageDrop { id } => {
                 if self.messages.remove(&id).is_some() {
                     for s in self.sessions.values_mut() {
@@ -419,12 +451,7 @@ impl DurableState {
 
 impl SessionState {
     /// One operation of a [`Record::SessionOps`]: what the record of the same name does.
-    fn apply_op(
-        &mut self,
-        client_id: &MqttStr,
-        op: SessionOp,
-        messages: &mut HashMap<u64, StoredMessage>,
-    ) {
+    fn apply_op(&mut self, client_id: &MqttStr, op: SessionOp, messages: &mut MessageMap) {
         let mut stage = |message_id: u64, stage: DeliveryStage| match position(
             &self.queue,
             message_id,
@@ -465,7 +492,7 @@ impl SessionState {
 }
 
 /// Drops a reference to a stored message, and the message with its last reference.
-fn unref(messages: &mut HashMap<u64, StoredMessage>, message_id: u64) {
+fn unref(messages: &mut MessageMap, message_id: u64) {
     if let Some(m) = messages.get_mut(&message_id) {
         m.refs = m.refs.saturating_sub(1);
         if m.refs == 0 {
@@ -834,5 +861,32 @@ mod tests {
         assert_eq!(s.retained[&MqttStr::from("r")], 1);
         log.push(Record::RetainedClear { topic: "r".into() });
         assert!(DurableState::replay(log).messages.is_empty());
+    }
+
+    /// Consecutive message ids (what the broker hands out) must not share the hash table's
+    /// tags (the top 7 bits) or collide: with an identity hash every tag would be 0 and each
+    /// lookup would compare keys all along its probe.
+    #[test]
+    fn id_hasher_spreads_consecutive_ids() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let hashes: Vec<u64> = (1..=4096u64).map(|id| build.hash_one(id)).collect();
+        let distinct: HashSet<u64> = hashes.iter().copied().collect();
+        assert_eq!(distinct.len(), hashes.len());
+        let tags: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert_eq!(tags.len(), 128, "every 7-bit tag is used");
+        let mut map = MessageMap::default();
+        for id in 1..=10_000u64 {
+            map.insert(id, message(id));
+        }
+        assert!((1..=10_000u64).all(|id| map.get(&id).is_some_and(|m| m.refs == id as usize)));
+    }
+
+    fn message(id: u64) -> StoredMessage {
+        StoredMessage {
+            publish: publish("t", QoS::AtLeastOnce),
+            expires_at_unix_ms: None,
+            refs: id as usize,
+        }
     }
 }
