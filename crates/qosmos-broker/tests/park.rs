@@ -21,6 +21,19 @@ fn publish(topic: &str, qos: QoS, id: u16, payload: &str) -> Packet {
     Packet::Publish(p)
 }
 
+/// A clean-start CONNECT for `id` whose will is "gone" on `topic`.
+fn with_will(id: &str, topic: &str, qos: QoS) -> qosmos_mqtt::Connect {
+    let mut connect = RawClient::connect_packet(V, id, true);
+    connect.will = Some(LastWill {
+        topic: topic.into(),
+        payload: "gone".into(),
+        qos,
+        retain: false,
+        properties: Default::default(),
+    });
+    connect
+}
+
 /// Waits until exactly `n` connections are parked.
 async fn wait_parked(b: &TestBroker, n: u64) {
     let h = b.handle.clone();
@@ -172,14 +185,7 @@ async fn a_parked_connection_lost_publishes_its_will() {
     let mut watcher = connect_parked(&b, "p-watch", 1).await;
     watcher.send(&subscribe("p/will", QoS::AtLeastOnce)).await;
     assert!(matches!(watcher.expect().await, Packet::SubAck(_)));
-    let mut connect = RawClient::connect_packet(V, "p-lost", true);
-    connect.will = Some(LastWill {
-        topic: "p/will".into(),
-        payload: "gone".into(),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Default::default(),
-    });
+    let connect = with_will("p-lost", "p/will", QoS::AtLeastOnce);
     let (lost, _) = RawClient::connect(b.addr, connect).await;
     wait_parked(&b, 2).await;
     drop(lost);
@@ -259,14 +265,11 @@ async fn many_parked_connections_lost_at_once_all_publish_their_wills() {
     assert!(matches!(watcher.expect().await, Packet::SubAck(_)));
     let mut lost = Vec::new();
     for i in 0..N {
-        let mut connect = RawClient::connect_packet(V, &format!("p-lost-{i}"), true);
-        connect.will = Some(LastWill {
-            topic: format!("p/wills/{i}").as_str().into(),
-            payload: "gone".into(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: Default::default(),
-        });
+        let connect = with_will(
+            &format!("p-lost-{i}"),
+            &format!("p/wills/{i}"),
+            QoS::AtMostOnce,
+        );
         let (c, ack) = RawClient::connect(b.addr, connect).await;
         assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
         lost.push(c);
