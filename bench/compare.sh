@@ -285,7 +285,7 @@ run_idle() { # BROKER
     connected=$(field "$json" connected)
     local per="-"
     if [ "$connected" != "-" ] && [ "$connected" -gt 0 ]; then
-        per=$(awk -v h="$hwm" -v b="$base" -v n="$connected" 'BEGIN { printf "%.1f", (h - b) * 1024 / n / 1024 }')
+        per=$(awk -v h="$hwm" -v b="$base" -v n="$connected" 'BEGIN { printf "%.2f", (h - b) / n }')
     fi
     printf '%s\tidle-%s\t-\t-\t%s\t-\t-\t%s\t%s\n' "$b" "$IDLE" "$per" \
         "$((IDLE - ${connected/-/0}))" "$hwm" >>"$RESULTS"

@@ -83,7 +83,7 @@ impl BrokerHandle {
                     subscriptions: st.subscriptions.len(),
                     inflight: st.outgoing.in_flight(),
                     queued: st.outgoing.pending_len(),
-                    dropped: st.dropped,
+                    dropped: u64::from(st.dropped),
                 }
             })
             .collect();

@@ -625,7 +625,7 @@ pub(crate) fn restore(hub: &Arc<Hub>, state: DurableState) {
             ProtocolVersion::V311
         };
         let mut st = new_session_state(&hub.limits, version, s.expiry_interval);
-        st.disconnected_at = Some(now);
+        st.set_disconnected_at(Some(now));
         for (filter, sub) in &s.subscriptions {
             st.subscriptions.insert(
                 filter.clone(),
@@ -694,7 +694,7 @@ pub(crate) fn restore(hub: &Arc<Hub>, state: DurableState) {
                     }
                 }
                 Err(_) => {
-                    st.dropped += 1;
+                    st.dropped = st.dropped.saturating_add(1);
                     Metrics::inc(&hub.metrics.messages_dropped_queue_full);
                 }
             }

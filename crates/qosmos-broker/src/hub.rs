@@ -546,7 +546,7 @@ impl Hub {
                 true
             }
             Err(_) => {
-                s.dropped += 1;
+                s.dropped = s.dropped.saturating_add(1);
                 Metrics::inc(&self.metrics.messages_dropped_queue_full);
                 if s.dropped.is_power_of_two() {
                     tracing::warn!(client = %session.client_id(), dropped = s.dropped, "session queue full: message dropped");

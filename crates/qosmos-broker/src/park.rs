@@ -72,6 +72,8 @@ pub(crate) struct Parker {
     tasks: Mutex<JoinSet<()>>,
     /// For the `connections_parked` gauge; weak, since the hub's sessions hold the parker.
     hub: Weak<Hub>,
+    /// Itself, handed to each connection it parks (in its `Wake`) and resumes.
+    me: Weak<Parker>,
 }
 
 impl std::fmt::Debug for Parker {
@@ -136,7 +138,7 @@ impl Parker {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let waker = mio::Waker::new(poll.registry(), WAKE)?;
-        let parker = Arc::new(Parker {
+        let parker = Arc::new_cyclic(|me| Parker {
             slab: Mutex::new(Slab::default()),
             registry,
             resuming: Arc::new(Resuming {
@@ -148,6 +150,7 @@ impl Parker {
             handle,
             tasks: Mutex::new(JoinSet::new()),
             hub: Arc::downgrade(hub),
+            me: me.clone(),
         });
         let p = parker.clone();
         std::thread::Builder::new()
@@ -206,12 +209,14 @@ impl Parker {
             while self.resuming.count.load(Ordering::Acquire) < RESUME_AHEAD
                 && let Some(key) = deferred.pop_front()
             {
-                if let Some(parked) = self.take(key) {
+                if let Some(parked) = self.take(key)
+                    && let Some(me) = self.me.upgrade()
+                {
                     self.resuming.count.fetch_add(1, Ordering::AcqRel);
                     let resuming = self.resuming.clone();
                     self.spawn(async move {
                         resuming.started();
-                        crate::connection::resume(parked).await;
+                        crate::connection::resume(parked, me).await;
                     });
                 }
             }
@@ -233,6 +238,9 @@ impl Parker {
         if self.stopping.load(Ordering::Acquire) || self.broken.load(Ordering::Acquire) {
             return Err(parked);
         }
+        let Some(me) = self.me.upgrade() else {
+            return Err(parked);
+        };
         let Some(index) = slab.alloc() else {
             return Err(parked);
         };
@@ -244,7 +252,7 @@ impl Parker {
         // The `Wake` learns the key before the poller can see the socket: recorded after
         // this lock is released, it could overwrite the waiter of a task already resumed by
         // the poller (a packet that came right away), which would then never be woken.
-        parked.wake().parked(key);
+        parked.wake().parked(key, me);
         if self
             .registry
             .register(&mut SourceFd(&fd), token, Interest::READABLE)
@@ -293,7 +301,10 @@ impl Parker {
     }
 
     fn resume(&self, parked: Parked) {
-        self.spawn(crate::connection::resume(parked));
+        // Upgraded from a caller holding the parker (a `Wake`, the poller, the drain).
+        if let Some(me) = self.me.upgrade() {
+            self.spawn(crate::connection::resume(parked, me));
+        }
     }
 
     /// Spawns a connection's task (a new connection's or a resumed one's), reaping those that

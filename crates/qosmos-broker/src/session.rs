@@ -7,7 +7,7 @@ use qosmos_mqtt::{MqttStr, ProtocolVersion, Publish, SubscriptionOptions};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Instant;
@@ -98,11 +98,15 @@ pub(crate) struct SessionState {
     pub(crate) connection: Option<Connection>,
     /// Seconds the session outlives its connection (`u32::MAX`: forever).
     pub(crate) expiry_interval: u32,
-    pub(crate) disconnected_at: Option<Instant>,
+    /// When its last connection ended; `None` while connected. Boxed (8 bytes, where an
+    /// `Option<Instant>` is 16): every connected session holds the field, only offline ones a
+    /// value. See [`SessionState::disconnected_at`].
+    pub(crate) left_at: Option<Box<Instant>>,
     /// Largest packet the client accepts.
     pub(crate) client_max_packet_size: u32,
-    /// Messages this session lost to a full queue.
-    pub(crate) dropped: u64,
+    /// Messages this session lost to a full queue (saturating; 32 bits, so that the small
+    /// fields pack into 16 bytes).
+    pub(crate) dropped: u32,
     pub(crate) keep_alive: u16,
     pub(crate) clean_start: bool,
     /// When queued messages with a Message Expiry Interval expire, by their ticket in
@@ -272,16 +276,22 @@ pub(crate) struct Connection {
 /// measured goal, see BENCHMARKS.md); it also carries the keep-alive deadline that the
 /// broker's keep-alive sweep checks instead of a timer per connection, and knows whether the
 /// connection is parked without a task ([`crate::park`]), so that waking it resumes it.
+///
+/// 40 bytes, so that with its `Arc` counts it fits glibc's 64-byte chunk (56 bytes, and an
+/// 80-byte chunk, when it held its parker and a 64-bit deadline): the parker is known only
+/// while the connection is parked, in [`Waiter::Parked`].
 #[derive(Debug)]
 pub(crate) struct Wake {
     /// [`WOKEN`], [`ACTIVE`], [`PARK`].
     flags: AtomicU8,
-    /// Milliseconds since the hub started after which the keep alive is due (`u64::MAX`:
-    /// never).
-    deadline_ms: AtomicU64,
+    /// Tenths of a second since the hub started after which the keep alive is due, rounded up
+    /// (`u32::MAX`: never; 13 years).
+    deadline_ticks: AtomicU32,
     waiter: Mutex<Waiter>,
-    parker: Arc<Parker>,
 }
+
+/// Milliseconds per tick of [`Wake`]'s keep-alive deadline.
+const TICK_MS: u64 = 100;
 
 /// A wake-up is pending.
 const WOKEN: u8 = 1;
@@ -296,23 +306,17 @@ enum Waiter {
     None,
     /// The connection's task.
     Task(Waker),
-    /// The connection, parked under this key.
-    Parked(Key),
+    /// The connection, parked under this key in this parker.
+    Parked(Key, Arc<Parker>),
 }
 
 impl Wake {
-    pub(crate) fn new(parker: Arc<Parker>) -> Wake {
+    pub(crate) fn new() -> Wake {
         Wake {
             flags: AtomicU8::new(0),
-            deadline_ms: AtomicU64::new(u64::MAX),
+            deadline_ticks: AtomicU32::new(u32::MAX),
             waiter: Mutex::new(Waiter::None),
-            parker,
         }
-    }
-
-    /// Where the connection parks.
-    pub(crate) fn parker(&self) -> &Arc<Parker> {
-        &self.parker
     }
 
     fn waiter(&self) -> MutexGuard<'_, Waiter> {
@@ -326,11 +330,13 @@ impl Wake {
         let mut waiter = self.waiter();
         match &*waiter {
             Waiter::Task(w) => w.wake_by_ref(),
-            Waiter::Parked(key) => {
-                let key = *key;
-                *waiter = Waiter::None;
+            Waiter::Parked(..) => {
+                let Waiter::Parked(key, parker) = std::mem::replace(&mut *waiter, Waiter::None)
+                else {
+                    return;
+                };
                 drop(waiter);
-                self.parker.unpark(key);
+                parker.unpark(key);
             }
             Waiter::None => {}
         }
@@ -366,10 +372,11 @@ impl Wake {
         }
     }
 
-    /// Records that the connection is parked under `key`: a wake-up resumes it. Called by the
-    /// [`Parker`] under its slab's lock, before the socket can be seen by its poller.
-    pub(crate) fn parked(&self, key: Key) {
-        *self.waiter() = Waiter::Parked(key);
+    /// Records that the connection is parked under `key` in `parker`: a wake-up resumes it.
+    /// Called by the [`Parker`] under its slab's lock, before the socket can be seen by its
+    /// poller.
+    pub(crate) fn parked(&self, key: Key, parker: Arc<Parker>) {
+        *self.waiter() = Waiter::Parked(key, parker);
     }
 
     /// Undoes [`Wake::parked`] when the connection could not be parked after all: its task goes
@@ -378,18 +385,23 @@ impl Wake {
         *self.waiter() = Waiter::None;
     }
 
-    /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive).
+    /// Sets the keep-alive deadline, in milliseconds since `epoch` (`None`: no keep alive),
+    /// kept in tenths of a second, rounded up: the sweep closes a silent client at most that
+    /// much later, never earlier.
     pub(crate) fn set_deadline(&self, deadline: Option<Instant>, epoch: Instant) {
-        let ms = deadline.map_or(u64::MAX, |d| {
-            u64::try_from(d.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+        let ticks = deadline.map_or(u32::MAX, |d| {
+            let ms =
+                u64::try_from(d.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX);
+            u32::try_from(ms.div_ceil(TICK_MS)).unwrap_or(u32::MAX)
         });
-        self.deadline_ms.store(ms, Ordering::Relaxed);
+        self.deadline_ticks.store(ticks, Ordering::Relaxed);
     }
 
     /// Whether the keep-alive deadline is at or before `now_ms` (milliseconds since the epoch
     /// of [`Wake::set_deadline`]).
     pub(crate) fn due(&self, now_ms: u64) -> bool {
-        self.deadline_ms.load(Ordering::Relaxed) <= now_ms
+        let ticks = self.deadline_ticks.load(Ordering::Relaxed);
+        ticks != u32::MAX && u64::from(ticks) * TICK_MS <= now_ms
     }
 
     /// What the keep-alive sweep does for each connection, at `now_ms` (milliseconds since
@@ -432,6 +444,16 @@ impl Session {
 }
 
 impl SessionState {
+    /// When the session's last connection ended (`None` while it is connected).
+    pub(crate) fn disconnected_at(&self) -> Option<Instant> {
+        self.left_at.as_deref().copied()
+    }
+
+    /// Records when the session's last connection ended (`None`: it is connected).
+    pub(crate) fn set_disconnected_at(&mut self, at: Option<Instant>) {
+        self.left_at = at.map(Box::new);
+    }
+
     /// Wakes the owning connection, if any.
     pub(crate) fn wake(&self) {
         if let Some(c) = &self.connection {
@@ -520,6 +542,28 @@ mod tests {
             options: SubscriptionOptions::with_qos(qos),
             id: None,
         }
+    }
+
+    /// The keep-alive deadline is kept in tenths of a second, rounded up: due at or after the
+    /// deadline, never before it; none is never due.
+    #[test]
+    fn keep_alive_deadline_is_never_early() {
+        let epoch = Instant::now();
+        let wake = Wake::new();
+        assert!(!wake.due(u64::MAX), "no deadline set yet");
+        wake.set_deadline(Some(epoch + std::time::Duration::from_millis(1_234)), epoch);
+        assert!(!wake.due(1_233));
+        assert!(!wake.due(1_299), "rounded up to the next tenth");
+        assert!(wake.due(1_300));
+        wake.set_deadline(Some(epoch + std::time::Duration::from_millis(1_500)), epoch);
+        assert!(!wake.due(1_499));
+        assert!(wake.due(1_500));
+        wake.set_deadline(None, epoch);
+        assert!(!wake.due(u64::MAX));
+        // Past what 32 bits of tenths hold (13 years): never due rather than due at once.
+        let far = epoch + std::time::Duration::from_secs(500_000_000);
+        wake.set_deadline(Some(far), epoch);
+        assert!(!wake.due(1_000_000_000));
     }
 
     /// Sessions are found by the client identifier they hold; a new session for the same
