@@ -1330,4 +1330,35 @@ mod tests {
         assert_eq!(detail.status, Status::Accepted);
         store.close().await;
     }
+
+    #[tokio::test]
+    async fn history_times_increase_and_end_at_updated_at() {
+        let (_dir, store) = temp_store().await;
+        let a = store.create(&body("s1", "a"), None).await.expect("a");
+        let b = store.create(&body("s1", "b"), None).await.expect("b");
+        let (a, b) = (a.order.order.id, b.order.order.id);
+        // a: dispatched, redispatched (no history entry), accepted; b: acked while
+        // `received` (dispatched and rejected written by one request).
+        store.mark_dispatched(&a).await.expect("dispatch");
+        store.mark_dispatched(&a).await.expect("redispatch");
+        store
+            .record_ack(&a, AckOutcome::Accepted, None)
+            .await
+            .expect("ack a");
+        store
+            .record_ack(&b, AckOutcome::Rejected, Some("no"))
+            .await
+            .expect("ack b");
+        for (id, n) in [(a, 3), (b, 3)] {
+            let d = store.get(&id).await.expect("get").expect("order");
+            assert_eq!(d.history.len(), n, "{id}");
+            assert!(
+                d.history.windows(2).all(|w| w[0].at < w[1].at),
+                "{id}: {:?}",
+                d.history
+            );
+            assert_eq!(d.history.last().map(|h| h.at), Some(d.updated_at), "{id}");
+        }
+        store.close().await;
+    }
 }
