@@ -30,8 +30,18 @@ mod writer;
 use writer::{Request, Writer};
 
 /// Schema migrations, applied in order, each once (recorded in `schema_migrations`).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+///
+/// A migration that edits `sqlite_schema` itself (`writable_schema`) is followed, in its
+/// transaction, by a `schema_version` bump (so that every connection re-reads the schema)
+/// and an `integrity_check` (which also checks the rows against the CHECK constraints).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "status_check_comparisons",
+        include_str!("../migrations/0002_status_check_comparisons.sql"),
+    ),
+];
 
 /// The default number of orders `GET /api/orders` returns.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
@@ -694,6 +704,27 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
             continue;
         }
         sqlx::raw_sql(sql).execute(&mut *tx).await?;
+        if sql.contains("writable_schema") {
+            let (cookie,): (i64,) = sqlx::query_as("PRAGMA schema_version")
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::raw_sql(&format!("PRAGMA schema_version = {}", cookie + 1))
+                .execute(&mut *tx)
+                .await?;
+            let problems: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
+                .fetch_all(&mut *tx)
+                .await?;
+            if problems.iter().any(|(p,)| p != "ok") {
+                return Err(StoreError::Corrupt {
+                    id: format!("(migration {version})"),
+                    what: problems
+                        .into_iter()
+                        .map(|(p,)| p)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+        }
         sqlx::query(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
         )
@@ -1180,7 +1211,7 @@ mod tests {
             .fetch_all(&store.pool)
             .await
             .expect("versions");
-        assert_eq!(applied, vec![(1,)]);
+        assert_eq!(applied, vec![(1,), (2,)]);
         sqlx::query("INSERT INTO schema_migrations VALUES (99, 'future', 0)")
             .execute(&store.pool)
             .await
@@ -1189,9 +1220,145 @@ mod tests {
         match OrderStore::open(&path).await {
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                known: 1,
+                known: 2,
             }) => {}
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
+    }
+
+    /// The SQL text of the tables with a status CHECK.
+    async fn status_tables(pool: &SqlitePool) -> Vec<(String, String)> {
+        sqlx::query_as(
+            "SELECT name, sql FROM sqlite_schema \
+             WHERE type = 'table' AND name IN ('orders', 'order_history') ORDER BY name",
+        )
+        .fetch_all(pool)
+        .await
+        .expect("schema")
+    }
+
+    const HISTORY_INSERT: &str =
+        "INSERT INTO order_history (order_id, status, at, reason) VALUES (?1, ?2, ?3, ?4)";
+    const STATUS_UPDATE: &str = "UPDATE orders SET status = ?2, updated_at = ?3 WHERE id = ?1";
+
+    /// Whether SQLite's program for `stmt` builds a temporary b-tree (per row written).
+    async fn opens_temp_btree(pool: &SqlitePool, stmt: &str) -> bool {
+        let ops: Vec<(i64, String)> = sqlx::query_as(&format!("EXPLAIN {stmt}"))
+            .fetch_all(pool)
+            .await
+            .expect("explain");
+        ops.iter().any(|(_, op)| op == "OpenEphemeral")
+    }
+
+    /// The status CHECK is comparisons (no temporary b-tree per row written), and it still
+    /// refuses a status that is not one of the four.
+    async fn assert_status_check(pool: &SqlitePool) {
+        let tables = status_tables(pool).await;
+        assert_eq!(tables.len(), 2);
+        for (name, sql) in &tables {
+            assert!(!sql.contains("status IN"), "{name}: {sql}");
+            assert!(sql.contains("status = 'rejected')"), "{name}: {sql}");
+        }
+        for stmt in [HISTORY_INSERT, STATUS_UPDATE] {
+            assert!(!opens_temp_btree(pool, stmt).await, "{stmt}");
+        }
+        let err = sqlx::query(
+            "INSERT INTO orders (id, store_id, items, created_at, status, updated_at) \
+             VALUES ('x', 's', '[]', 0, 'lost', 0)",
+        )
+        .execute(pool)
+        .await
+        .expect_err("an unknown status is refused");
+        assert!(err.to_string().contains("CHECK"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_new_store_checks_the_status_with_comparisons() {
+        let (_dir, store) = temp_store().await;
+        assert_status_check(&store.pool).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_gets_the_new_status_check_and_keeps_its_orders() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("o.db");
+        {
+            let pool = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("connect");
+            sqlx::raw_sql(MIGRATIONS[0].2)
+                .execute(&pool)
+                .await
+                .expect("v1");
+            sqlx::raw_sql(
+                "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY, \
+                   name TEXT NOT NULL, applied_at INTEGER NOT NULL); \
+                 INSERT INTO schema_migrations VALUES (1, 'init', 0); \
+                 INSERT INTO orders (id, store_id, items, created_at, status, updated_at) \
+                   VALUES ('01OLD', 'store-1', '[{\"sku\":\"a\",\"qty\":1}]', 1, 'received', 1); \
+                 INSERT INTO order_history (order_id, status, at) VALUES ('01OLD', 'received', 1);",
+            )
+            .execute(&pool)
+            .await
+            .expect("an order in version 1");
+            assert!(status_tables(&pool).await[0].1.contains("status IN"));
+            // What the migration removes (and what `assert_status_check` looks for).
+            assert!(opens_temp_btree(&pool, HISTORY_INSERT).await);
+            assert!(opens_temp_btree(&pool, STATUS_UPDATE).await);
+            pool.close().await;
+        }
+        let store = OrderStore::open(&path).await.expect("open migrates");
+        assert_status_check(&store.pool).await;
+        let id = OrderId::from_string("01OLD".to_owned());
+        assert_eq!(
+            store.mark_dispatched(&id).await.expect("dispatch"),
+            Transition::Moved {
+                from: Status::Received,
+                to: Status::Dispatched
+            }
+        );
+        store
+            .record_ack(&id, AckOutcome::Accepted, None)
+            .await
+            .expect("ack");
+        let detail = store.get(&id).await.expect("get").expect("the old order");
+        assert_eq!(detail.status, Status::Accepted);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn history_times_increase_and_end_at_updated_at() {
+        let (_dir, store) = temp_store().await;
+        let a = store.create(&body("s1", "a"), None).await.expect("a");
+        let b = store.create(&body("s1", "b"), None).await.expect("b");
+        let (a, b) = (a.order.order.id, b.order.order.id);
+        // a: dispatched, redispatched (no history entry), accepted; b: acked while
+        // `received` (dispatched and rejected written by one request).
+        store.mark_dispatched(&a).await.expect("dispatch");
+        store.mark_dispatched(&a).await.expect("redispatch");
+        store
+            .record_ack(&a, AckOutcome::Accepted, None)
+            .await
+            .expect("ack a");
+        store
+            .record_ack(&b, AckOutcome::Rejected, Some("no"))
+            .await
+            .expect("ack b");
+        for (id, n) in [(a, 3), (b, 3)] {
+            let d = store.get(&id).await.expect("get").expect("order");
+            assert_eq!(d.history.len(), n, "{id}");
+            assert!(
+                d.history.windows(2).all(|w| w[0].at < w[1].at),
+                "{id}: {:?}",
+                d.history
+            );
+            assert_eq!(d.history.last().map(|h| h.at), Some(d.updated_at), "{id}");
+        }
+        store.close().await;
     }
 }
