@@ -7,7 +7,7 @@ use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
 use crate::park::Parker;
 use crate::session::{Connection, Session, SessionState, SmallMap, SubOptions, Wake};
-use crate::store::Record;
+use crate::store::{Record, SessionOp};
 use bytes::{Bytes, BytesMut};
 use qosmos_mqtt::state::{AckMode, Incoming, IncomingConfig, Outgoing, OutgoingConfig, StateError};
 use qosmos_mqtt::{
@@ -56,8 +56,9 @@ impl End {
 struct Batch {
     /// Records that must be durable before any of `post` runs.
     records: Vec<Record>,
-    /// Records whose loss costs at most a resend (`Delivered`): appended, not awaited.
-    lazy: Vec<Record>,
+    /// Messages whose delivery completed: their `Delivered`, whose loss costs at most a
+    /// resend, goes in one `SessionOps` (the client named once), appended, not awaited.
+    delivered: Vec<u64>,
     /// What to do once `records` are durable, in packet order.
     post: Vec<Post>,
 }
@@ -1008,7 +1009,16 @@ impl Conn {
             }
             let must_wait = !batch.records.is_empty();
             let mut records = std::mem::take(&mut batch.records);
-            records.append(&mut batch.lazy);
+            if !batch.delivered.is_empty() {
+                records.push(Record::SessionOps {
+                    client_id: self.session.client.clone(),
+                    ops: batch
+                        .delivered
+                        .iter()
+                        .map(|&message_id| SessionOp::Delivered { message_id })
+                        .collect(),
+                });
+            }
             // Only records whose loss costs a resend (`Delivered`): they ride with a later append.
             // Without the lock (acknowledgements only), they are encoded before it is taken.
             let commit = match (guard.as_mut(), &hub.store) {
@@ -1099,6 +1109,8 @@ impl Conn {
         if st.outgoing.pending_len() == 0 && !st.expiring.is_empty() {
             st.expiring.clear(); // nothing queued can expire any more
         }
+        // One `SessionOps` for them all: the client named once, not once per packet.
+        let mut ops = Vec::new();
         while let Some(p) = st.outgoing.poll_transmit() {
             let durable = match &p {
                 // A resend (DUP) reuses the packet id its `Sent` record already holds.
@@ -1116,16 +1128,13 @@ impl Conn {
                     .ticket_of(packet_id)
                     .and_then(|t| st.message_ids.get(&t).copied());
                 if let Some(message_id) = id {
-                    let client_id = self.session.client.clone();
-                    records.push(if released {
-                        Record::Released {
-                            client_id,
+                    ops.push(if released {
+                        SessionOp::Released {
                             message_id,
                             packet_id,
                         }
                     } else {
-                        Record::Sent {
-                            client_id,
+                        SessionOp::Sent {
                             message_id,
                             packet_id,
                         }
@@ -1138,6 +1147,12 @@ impl Conn {
                 Metrics::inc(&self.hub.metrics.messages_sent);
             }
             self.encode(&p);
+        }
+        if !ops.is_empty() {
+            records.push(Record::SessionOps {
+                client_id: self.session.client.clone(),
+                ops,
+            });
         }
         (true, records)
     }
@@ -1188,10 +1203,7 @@ impl Conn {
     /// acknowledgement: between two locks a takeover could renumber the tickets.
     fn completed(&self, batch: &mut Batch, id: Option<u64>) {
         if let Some(message_id) = id {
-            batch.lazy.push(Record::Delivered {
-                client_id: self.session.client.clone(),
-                message_id,
-            });
+            batch.delivered.push(message_id);
         }
     }
 

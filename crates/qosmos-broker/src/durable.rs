@@ -10,7 +10,7 @@
 //! (`Delivered`) go through [`StoreGuard::submit_lazy`]: queued for the mirror at once, handed to
 //! the log with the next append or after at most 2 ms, never awaited. Records that need only
 //! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
-//! routed) go through [`StoreGuard::defer`] to its end, where they pack together. Records known
+//! routed) go through [`StoreGuard::defer_sent`] to its end, where they pack together. Records known
 //! before the lock is taken (a connection's flush: `Sent`, `Released`; a read of
 //! acknowledgements only: `Delivered`) go through [`Store::submit`] and [`Store::submit_lazy`],
 //! which pack and encode them first, so that the lock covers only what needs its order: adding
@@ -27,6 +27,7 @@ use crate::connection::{new_session_state, schedule_expiry, schedule_will};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session::{Session, SubOptions};
+use crate::store::SessionOp;
 use crate::store::wal::{FRAME_HEADER_LEN, MAX_RECORD_LEN, frame_in_place};
 use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
 use crate::store::{StoreError, Wal, WalConfig, WalStats};
@@ -166,8 +167,8 @@ pub(crate) struct StoreGuard<'a> {
     /// it (see `Hub::prepare`).
     queued_to: HashSet<usize>,
     /// Records that go at the end of the next [`StoreGuard::submit`]: the `Sent` of deliveries
-    /// given their packet id when routed. Together there, each subscriber's are packed into one
-    /// `SessionOps` (right behind each `Enqueue`, each would start one of its own).
+    /// given their packet id when routed, one `SessionOps` per subscriber (right behind each
+    /// `Enqueue`, each would start one of its own).
     deferred: Vec<Record>,
 }
 
@@ -294,11 +295,27 @@ impl StoreGuard<'_> {
         self.queued_to.insert(session);
     }
 
-    /// Adds `record` at the end of the next [`StoreGuard::submit`] under this guard, after
-    /// every record submitted with it: for records that only need to follow the ones that
-    /// make them meaningful (a `Sent` after its `Enqueue`).
-    pub(crate) fn defer(&mut self, record: Record) {
-        self.deferred.push(record);
+    /// Adds a `Sent` of `client` at the end of the next [`StoreGuard::submit`] under this
+    /// guard, after every record submitted with it (it only needs to follow its `Enqueue`).
+    /// Each client's go in one `SessionOps` as they come, the client named (and its id
+    /// cloned) once per append rather than once per delivery: what [`Record::pack`] made of
+    /// them one by one.
+    pub(crate) fn defer_sent(&mut self, client: &MqttStr, message_id: u64, packet_id: PacketId) {
+        let op = SessionOp::Sent {
+            message_id,
+            packet_id,
+        };
+        let group = self.deferred.iter_mut().rev().find_map(|r| match r {
+            Record::SessionOps { client_id, ops } if client_id == client => Some(ops),
+            _ => None,
+        });
+        match group {
+            Some(ops) => ops.push(op),
+            None => self.deferred.push(Record::SessionOps {
+                client_id: client.clone(),
+                ops: vec![op],
+            }),
+        }
     }
 
     /// A fresh message id.

@@ -299,12 +299,8 @@ impl Hub {
                         .then(|| st.outgoing.reserve_publish())
                         .flatten();
                     match d.held {
-                        // After everything else of the append: see `StoreGuard::defer`.
-                        Some(packet_id) => g.defer(Record::Sent {
-                            client_id: d.session.client.clone(),
-                            message_id: id,
-                            packet_id,
-                        }),
+                        // After everything else of the append: see `StoreGuard::defer_sent`.
+                        Some(packet_id) => g.defer_sent(&d.session.client, id, packet_id),
                         None => g.set_queued_to(key),
                     }
                 }

@@ -40,7 +40,9 @@ pub mod string;
 pub mod topic;
 pub mod version;
 
-pub use codec::{Decoder, Encoder, Role, decode_packet, encode_packet, encoded_len};
+pub use codec::{
+    Decoder, Encoder, Role, decode_packet, encode_packet, encode_publish, encoded_len,
+};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
 pub use properties::{Properties, Property, PropertyId};

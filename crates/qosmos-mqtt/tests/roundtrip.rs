@@ -503,6 +503,18 @@ proptest! {
     }
 
     #[test]
+    fn encode_publish_writes_what_encode_packet_does(
+        (v, p) in version().prop_flat_map(|v| (Just(v), publish(v, true))),
+    ) {
+        let Packet::Publish(publish) = &p else { unreachable!("a PUBLISH strategy") };
+        let mut by_packet = BytesMut::new();
+        let mut by_ref = BytesMut::new();
+        let n = encode_packet(&p, v, &mut by_packet).unwrap();
+        prop_assert_eq!(encode_publish(publish, v, &mut by_ref).unwrap(), n);
+        prop_assert_eq!(by_ref, by_packet);
+    }
+
+    #[test]
     fn every_client_packet_v311(c in connect(ProtocolVersion::V311), ps in prop::collection::vec(client_packet(ProtocolVersion::V311), 1..6)) {
         roundtrip(Some(c), ps, Role::Server, ProtocolVersion::V311, vec![]);
     }

@@ -813,11 +813,23 @@ fn put_opt_u64(buf: &mut BytesMut, v: Option<u64>) {
     }
 }
 
+/// The PUBLISH packet (5.0) behind its length: sized and written in one pass, the length
+/// filled in after, without cloning the message into a `Packet`.
 fn put_publish(buf: &mut BytesMut, publish: &Publish) -> Result<(), RecordError> {
-    let packet = Packet::Publish(publish.clone());
-    let len = qosmos_mqtt::encoded_len(&packet, ProtocolVersion::V5)?;
-    put_len(buf, len, "the PUBLISH")?;
-    qosmos_mqtt::encode_packet(&packet, ProtocolVersion::V5, buf)?;
+    let start = buf.len();
+    buf.put_u32_le(0);
+    let len = match qosmos_mqtt::encode_publish(publish, ProtocolVersion::V5, buf) {
+        Ok(len) => len,
+        Err(e) => {
+            buf.truncate(start);
+            return Err(e.into());
+        }
+    };
+    let len = u32::try_from(len).map_err(|_| {
+        buf.truncate(start);
+        RecordError::TooLong("the PUBLISH")
+    })?;
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     Ok(())
 }
 

@@ -34,6 +34,28 @@ pub fn encode_packet(
     Ok(total)
 }
 
+/// [`encode_packet`] of a PUBLISH held by reference: what a caller that keeps the message
+/// (the broker's write-ahead log records) uses, rather than cloning it into a [`Packet`].
+pub fn encode_publish(
+    publish: &Publish,
+    version: ProtocolVersion,
+    buf: &mut impl BufMut,
+) -> Result<usize, EncodeError> {
+    let body = publish_body_len(publish, version)?;
+    let remaining = u32::try_from(body)
+        .ok()
+        .filter(|&r| r <= MAX_VARINT)
+        .ok_or(EncodeError::PacketTooLarge {
+            size: body,
+            max: MAX_VARINT as usize,
+        })?;
+    let total = 1 + varint_len(remaining) + body;
+    buf.put_u8(publish_first_byte(publish));
+    put_varint(buf, remaining);
+    write_publish_body(publish, version == ProtocolVersion::V5, buf);
+    Ok(total)
+}
+
 /// The number of bytes `packet` takes on the wire under `version`, fixed header included.
 pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeError> {
     let body = body_len(packet, version)?;
@@ -49,12 +71,42 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, E
 fn first_byte(packet: &Packet) -> u8 {
     let t = (packet.packet_type() as u8) << 4;
     match packet {
-        Packet::Publish(p) => {
-            t | (u8::from(p.dup) << 3) | (p.qos.as_u8() << 1) | u8::from(p.retain)
-        }
+        Packet::Publish(p) => publish_first_byte(p),
         Packet::PubRel(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => t | 0b0010,
         _ => t,
     }
+}
+
+fn publish_first_byte(p: &Publish) -> u8 {
+    ((PacketType::Publish as u8) << 4)
+        | (u8::from(p.dup) << 3)
+        | (p.qos.as_u8() << 1)
+        | u8::from(p.retain)
+}
+
+fn publish_body_len(p: &Publish, version: ProtocolVersion) -> Result<usize, EncodeError> {
+    if p.packet_id.is_some() != (p.qos != QoS::AtMostOnce) {
+        return Err(EncodeError::PacketIdMismatch);
+    }
+    let mut n = str_len(p.topic.as_bytes(), "the topic name")?;
+    if p.packet_id.is_some() {
+        n += 2;
+    }
+    if version == ProtocolVersion::V5 {
+        n += props_total(&p.properties, PropertyContext::Publish, "PUBLISH")?;
+    }
+    Ok(n + p.payload.len())
+}
+
+fn write_publish_body(p: &Publish, v5: bool, buf: &mut impl BufMut) {
+    put_bin(buf, p.topic.as_bytes());
+    if let Some(id) = p.packet_id {
+        buf.put_u16(id.get());
+    }
+    if v5 {
+        put_props(buf, &p.properties);
+    }
+    buf.put_slice(&p.payload);
 }
 
 fn str_len(s: &[u8], what: &'static str) -> Result<usize, EncodeError> {
@@ -193,17 +245,7 @@ fn body_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeEr
             n
         }
         Packet::ConnAck(c) => 2 + props(&c.properties, PropertyContext::ConnAck, "CONNACK")?,
-        Packet::Publish(p) => {
-            if p.packet_id.is_some() != (p.qos != QoS::AtMostOnce) {
-                return Err(EncodeError::PacketIdMismatch);
-            }
-            let mut n = str_len(p.topic.as_bytes(), "the topic name")?;
-            if p.packet_id.is_some() {
-                n += 2;
-            }
-            n += props(&p.properties, PropertyContext::Publish, "PUBLISH")?;
-            n + p.payload.len()
-        }
+        Packet::Publish(p) => publish_body_len(p, version)?,
         Packet::PubAck(PubAck {
             reason_code,
             properties,
@@ -398,16 +440,7 @@ fn write_body(packet: &Packet, version: ProtocolVersion, buf: &mut impl BufMut) 
                 buf.put_u8(c.reason_code.to_v311_connack());
             }
         }
-        Packet::Publish(p) => {
-            put_bin(buf, p.topic.as_bytes());
-            if let Some(id) = p.packet_id {
-                buf.put_u16(id.get());
-            }
-            if v5 {
-                put_props(buf, &p.properties);
-            }
-            buf.put_slice(&p.payload);
-        }
+        Packet::Publish(p) => write_publish_body(p, v5, buf),
         Packet::PubAck(PubAck {
             packet_id,
             reason_code,

@@ -27,7 +27,7 @@ mod encode;
 mod varint;
 
 pub use decode::Decoder;
-pub use encode::{encode_packet, encoded_len};
+pub use encode::{encode_packet, encode_publish, encoded_len};
 pub use varint::{MAX_VARINT, varint_len};
 
 use crate::error::{DecodeError, EncodeError};
