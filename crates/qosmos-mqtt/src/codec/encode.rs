@@ -20,18 +20,9 @@ pub fn encode_packet(
     buf: &mut impl BufMut,
 ) -> Result<usize, EncodeError> {
     let body = body_len(packet, version)?;
-    let remaining = u32::try_from(body)
-        .ok()
-        .filter(|&r| r <= MAX_VARINT)
-        .ok_or(EncodeError::PacketTooLarge {
-            size: body,
-            max: MAX_VARINT as usize,
-        })?;
-    let total = 1 + varint_len(remaining) + body;
-    buf.put_u8(first_byte(packet));
-    put_varint(buf, remaining);
-    write_body(packet, version, buf);
-    Ok(total)
+    framed(first_byte(packet), body, buf, |b| {
+        write_body(packet, version, b)
+    })
 }
 
 /// [`encode_packet`] of a PUBLISH held by reference: what a caller that keeps the message
@@ -42,6 +33,20 @@ pub fn encode_publish(
     buf: &mut impl BufMut,
 ) -> Result<usize, EncodeError> {
     let body = publish_body_len(publish, version)?;
+    framed(publish_first_byte(publish), body, buf, |b| {
+        write_publish_body(publish, version == ProtocolVersion::V5, b)
+    })
+}
+
+/// Writes a packet's fixed header (`first` byte, then `body` as the remaining length) and its
+/// body (`write`, which must write exactly `body` bytes); returns the bytes written. Nothing
+/// is written when `body` is more than the remaining length can say.
+fn framed<B: BufMut>(
+    first: u8,
+    body: usize,
+    buf: &mut B,
+    write: impl FnOnce(&mut B),
+) -> Result<usize, EncodeError> {
     let remaining = u32::try_from(body)
         .ok()
         .filter(|&r| r <= MAX_VARINT)
@@ -49,11 +54,10 @@ pub fn encode_publish(
             size: body,
             max: MAX_VARINT as usize,
         })?;
-    let total = 1 + varint_len(remaining) + body;
-    buf.put_u8(publish_first_byte(publish));
+    buf.put_u8(first);
     put_varint(buf, remaining);
-    write_publish_body(publish, version == ProtocolVersion::V5, buf);
-    Ok(total)
+    write(buf);
+    Ok(1 + varint_len(remaining) + body)
 }
 
 /// The number of bytes `packet` takes on the wire under `version`, fixed header included.
