@@ -297,18 +297,20 @@ impl StoreGuard<'_> {
 
     /// Adds a `Sent` of `client` at the end of the next [`StoreGuard::submit`] under this
     /// guard, after every record submitted with it (it only needs to follow its `Enqueue`).
-    /// Each client's go in one `SessionOps` as they come, the client named (and its id
-    /// cloned) once per append rather than once per delivery: what [`Record::pack`] made of
-    /// them one by one.
+    /// Consecutive ones of a client go in one `SessionOps` as they come, the client named
+    /// (and its id cloned) once per run rather than once per delivery.
     pub(crate) fn defer_sent(&mut self, client: &MqttStr, message_id: u64, packet_id: PacketId) {
         let op = SessionOp::Sent {
             message_id,
             packet_id,
         };
-        let group = self.deferred.iter_mut().rev().find_map(|r| match r {
-            Record::SessionOps { client_id, ops } if client_id == client => Some(ops),
+        // Only the last group is looked at: a search of them all would cost a fan-out to n
+        // subscribers n²/2 comparisons per message. Consecutive deliveries to one client (a
+        // fan-in's subscriber, a pair's) share a group; [`Record::pack`] does the rest.
+        let group = match self.deferred.last_mut() {
+            Some(Record::SessionOps { client_id, ops }) if client_id == client => Some(ops),
             _ => None,
-        });
+        };
         match group {
             Some(ops) => ops.push(op),
             None => self.deferred.push(Record::SessionOps {
