@@ -64,6 +64,7 @@
 
 mod error;
 mod file;
+mod grow;
 pub mod record;
 pub mod state;
 pub mod wal;

@@ -30,6 +30,7 @@
 use super::error::StoreError;
 pub(crate) use super::file::{FRAME_HEADER_LEN, frame_in_place};
 use super::file::{put_frame, recover, sync_dir, write_new_log};
+use super::grow::FIRST_STEP;
 use super::writer::{Request, Shared, Writer};
 use bytes::Bytes;
 use std::collections::BTreeSet;
@@ -100,7 +101,9 @@ impl WalConfig {
 pub struct Recovered {
     /// Every valid record, in the order it was appended.
     pub records: Vec<Bytes>,
-    /// How many bytes of torn or corrupt tail were cut off the end of the log.
+    /// How many bytes of torn or corrupt tail were cut off (zeroed) after the last valid
+    /// record: up to the last non-zero byte of the file. Zeros after it are the space kept
+    /// ahead of the log, not counted.
     pub truncated_bytes: u64,
     /// The generation of the log file (1 for a new log, +1 per compaction).
     pub generation: u64,
@@ -122,6 +125,10 @@ pub struct WalStats {
     pub fsyncs: u64,
     /// Compactions completed.
     pub compactions: u64,
+    /// Steps of zeros written and synced ahead of the log by its grower thread.
+    pub grows: u64,
+    /// Commits that had to wait for the grower because the space ahead ran out.
+    pub grow_waits: u64,
 }
 
 /// The data directories open in this process: a second [`Wal::open`] of one is refused.
@@ -221,28 +228,27 @@ impl Wal {
             fs::remove_file(&tmp_path).map_err(|e| StoreError::io("remove", &tmp_path, e))?;
         }
         let log_path = dir.join(LOG_FILE);
-        let (file, recovered, len) = if log_path.exists() {
-            recover(&log_path)?
+        let (log, recovered) = if log_path.exists() {
+            recover(&log_path, FIRST_STEP)?
         } else {
             let generation = 1;
-            let file = write_new_log(&dir, generation, &[])?;
+            let log = write_new_log(&dir, generation, &[], FIRST_STEP)?;
             let recovered = Recovered {
                 records: Vec::new(),
                 truncated_bytes: 0,
                 generation,
             };
-            (file, recovered, HEADER_LEN as u64)
+            (log, recovered)
         };
 
         let shared = Arc::new(Shared::default());
-        shared.len.store(len, Ordering::Relaxed);
+        shared.len.store(log.end, Ordering::Relaxed);
         shared
             .generation
             .store(recovered.generation, Ordering::Relaxed);
         let (tx, handle) = Writer::start(
             dir.clone(),
-            file,
-            len,
+            log,
             recovered.generation,
             config.fsync,
             shared.clone(),
@@ -328,7 +334,8 @@ impl Wal {
         }
     }
 
-    /// The current size of the log file in bytes, header included, as of the last commit.
+    /// The logical size of the log in bytes, header included, as of the last commit: where its
+    /// records end. The file is longer by the zeros kept ahead of them (see the module docs).
     pub fn len_bytes(&self) -> u64 {
         self.shared.len.load(Ordering::Relaxed)
     }
@@ -348,6 +355,8 @@ impl Wal {
             writes: s.writes.load(Ordering::Relaxed),
             fsyncs: s.fsyncs.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
+            grows: s.grows.load(Ordering::Relaxed),
+            grow_waits: s.grow_waits.load(Ordering::Relaxed),
         }
     }
 
