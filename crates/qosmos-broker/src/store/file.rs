@@ -1,5 +1,6 @@
-//! The log file on disk: header, record frames, recovery of the valid prefix, and atomic
-//! replacement (temporary file, sync, rename, sync directory).
+//! The log file on disk: header, record frames, recovery of the valid prefix (trailing zeros
+//! are the space kept ahead of the records, a torn tail is zeroed), and atomic replacement
+//! (temporary file with its own space ahead, sync, rename, sync directory).
 
 use super::error::StoreError;
 use super::grow::{round_up, write_zeros};
@@ -14,6 +15,8 @@ pub const MAGIC: &[u8; 9] = b"QOSMOSWAL";
 /// The log format this build writes. Version 2 added the packed records
 /// ([`Record::SessionOps`](super::Record::SessionOps), [`Record::Composite`](super::Record::Composite));
 /// a version 1 log (a subset of it) is still read, and rewritten as version 2 when opened.
+/// The zeros kept after the records (see the `wal` module docs) did not change it: an older
+/// version 2 reader takes them for a torn tail and truncates them, losing nothing.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest log format this build reads.
 const OLDEST_FORMAT_VERSION: u32 = 1;

@@ -11,8 +11,8 @@
 //! the grower only ever writes at or after `ready`, so the two never write the same bytes. The
 //! grower is asked for one step more once less than a step is left ahead, a step being half
 //! the log's length, at least [`FIRST_STEP`] and at most [`MAX_STEP`]: the file is at most
-//! about one and a half times the log (plus 2 MiB), a log that takes few records keeps a
-//! small file, and a large one has a long runway.
+//! about twice the log (plus 2 MiB, and never more than 128 MiB past it), a log that takes
+//! few records keeps a small file, and a large one has a long runway.
 
 use super::writer::Shared;
 use std::fs::File;
