@@ -144,7 +144,8 @@ impl Grower {
         s.epoch += 1;
         s.ready = ready;
         s.want = 0;
-        s.failed = false;
+        // A fresh file may be grown again, unless the thread is gone.
+        s.failed = s.stop;
         self.state.1.notify_all();
     }
 }
@@ -161,7 +162,21 @@ impl Drop for Grower {
     }
 }
 
+/// Marks the grower failed when its thread ends, however it ends (a panic included), so the
+/// writer never waits for a step that will not come.
+struct FailOnExit<'a>(&'a (Mutex<State>, Condvar));
+
+impl Drop for FailOnExit<'_> {
+    fn drop(&mut self) {
+        let mut s = lock(self.0);
+        s.failed = true;
+        s.stop = true;
+        self.0.1.notify_all();
+    }
+}
+
 fn run(state: &(Mutex<State>, Condvar), path: &std::path::Path, shared: &Shared) {
+    let _fail_on_exit = FailOnExit(state);
     let mut s = lock(state);
     loop {
         while !s.stop && (s.failed || s.want <= s.ready) {

@@ -21,7 +21,9 @@
 //! (BENCHMARKS.md). The zeros are really written, not `fallocate`d: an unwritten extent still
 //! changes metadata on its first write. A commit that would pass the ready space waits for
 //! the helper ([`WalStats::grow_waits`]); if the helper fails (a full disk), commits append
-//! past it as before, the sync then writing the size too. A new log starts with 1 MiB of
+//! past it as before, the sync then writing the size too. Under [`FsyncPolicy::Never`] there is
+//! no helper (no sync to save, only zeros to write): appends go past the zeros a new or
+//! compacted log starts with and make the file longer. A new log starts with 1 MiB of
 //! zeros; the file is at most about twice its records plus 2 MiB (and at most 128 MiB past
 //! them): a 100,000-message QoS 2 benchmark's 18.6 MB of records made a 31.6 MB file.
 //!

@@ -85,7 +85,9 @@ pub(crate) struct Writer {
     file: Arc<File>,
     /// The logical end: where the records end and the next commit goes.
     len: u64,
-    grower: Grower,
+    /// None under [`FsyncPolicy::Never`]: without a sync per commit there is no inode write to
+    /// save, only zeros to write.
+    grower: Option<Grower>,
     generation: u64,
     policy: FsyncPolicy,
     rx: mpsc::Receiver<Request>,
@@ -113,16 +115,21 @@ impl Writer {
         let (tx, rx) = mpsc::channel();
         let log_path = dir.join(LOG_FILE);
         let file = Arc::new(log.file);
-        let grower = Grower::start(
-            file.clone(),
-            log.file_len.max(log.end),
-            log_path.clone(),
-            shared.clone(),
-        )
-        .map_err(|e| StoreError::io("spawn the grower for", &dir, e))?;
-        // A log opened with little space ahead (written by an older build, or just created)
-        // gets its first step now.
-        grower.after_commit(log.end);
+        let grower = if policy == FsyncPolicy::Never {
+            None
+        } else {
+            let grower = Grower::start(
+                file.clone(),
+                log.file_len.max(log.end),
+                log_path.clone(),
+                shared.clone(),
+            )
+            .map_err(|e| StoreError::io("spawn the grower for", &dir, e))?;
+            // A log opened with little space ahead (written by an older build, or just
+            // created) gets its first step now.
+            grower.after_commit(log.end);
+            Some(grower)
+        };
         let writer = Writer {
             log_path,
             dir: dir.clone(),
@@ -290,7 +297,9 @@ impl Writer {
         let end = self.len + self.buf.len() as u64;
         // Normally there is room already; if the grower failed, the commit appends past the
         // ready space and its sync writes the new size too, as in a log without space ahead.
-        self.grower.wait_ready(end, &self.shared);
+        if let Some(grower) = &self.grower {
+            grower.wait_ready(end, &self.shared);
+        }
         self.file
             .write_all_at(&self.buf, self.len)
             .map_err(|e| StoreError::io("write", &self.log_path, e))?;
@@ -302,7 +311,9 @@ impl Writer {
                 .map_err(|e| StoreError::io("sync", &self.log_path, e))?;
             self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
-        self.grower.after_commit(end);
+        if let Some(grower) = &self.grower {
+            grower.after_commit(end);
+        }
         Ok(())
     }
 
@@ -320,7 +331,11 @@ impl Writer {
         let wake = self.tx_for_helpers.clone();
         // The new file gets as much space ahead as the old one would have grown by next: the
         // rate of appends does not change with a compaction.
-        let ahead = step_for(self.len);
+        let ahead = if self.grower.is_some() {
+            step_for(self.len)
+        } else {
+            0
+        };
         let spawned = std::thread::Builder::new()
             .name("qosmos-wal-compact".into())
             .spawn(move || {
@@ -399,8 +414,10 @@ impl Writer {
         }
         // Renamed: the old file is unlinked, so from here on the new one is the log.
         self.file = Arc::new(file);
-        self.grower.switch(self.file.clone(), ready);
-        self.grower.after_commit(len);
+        if let Some(grower) = &self.grower {
+            grower.switch(self.file.clone(), ready);
+            grower.after_commit(len);
+        }
         self.len = len;
         self.generation = c.generation;
         self.shared.len.store(len, Ordering::Relaxed);
