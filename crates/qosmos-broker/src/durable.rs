@@ -90,14 +90,19 @@ struct MirrorQueue {
     closed: bool,
 }
 
+/// The applier is woken once this many records are queued, not at every append: fewer
+/// wake-ups (a futex call under the store lock, a context switch of the applier) for the same
+/// work. What is queued is never lost to the mirror: [`Mirror::now`] applies it first.
+const MIRROR_BATCH: usize = 32;
+
 impl Mirror {
     /// Queues `record` to be applied (call under the store lock, in log order).
     fn push(&self, record: Record) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let was_empty = q.records.is_empty();
         q.records.push(record);
+        let wake = q.records.len() == MIRROR_BATCH;
         drop(q);
-        if was_empty {
+        if wake {
             self.wake.notify_one();
         }
     }

@@ -23,6 +23,28 @@ fn log_path(dir: &Path) -> std::path::PathBuf {
     dir.join(LOG_FILE)
 }
 
+/// How many bytes of `tail` recovery counts as torn: up to its last non-zero byte (zeros
+/// after it are indistinguishable from the space kept ahead of the log).
+fn torn_len(tail: &[u8]) -> u64 {
+    tail.iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1)
+}
+
+/// The log's bytes up to `len` (its logical end), after checking that the file goes on past
+/// it with zeros only: the space written ahead of the records.
+fn logical_bytes(dir: &Path, len: u64) -> Vec<u8> {
+    let mut bytes = std::fs::read(log_path(dir)).unwrap();
+    let len = usize::try_from(len).unwrap();
+    assert!(bytes.len() >= len, "file of {} < log of {len}", bytes.len());
+    assert!(
+        bytes[len..].iter().all(|&b| b == 0),
+        "the file after the log's end is not all zeros"
+    );
+    bytes.truncate(len);
+    bytes
+}
+
 #[test]
 fn records_survive_reopen_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,7 +58,12 @@ fn records_survive_reopen_in_order() {
     wal.append_blocking(vec![rec(10), rec(11), Bytes::new()])
         .unwrap();
     let len = wal.len_bytes();
-    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), len);
+    let file_len = std::fs::metadata(log_path(dir.path())).unwrap().len();
+    assert!(
+        file_len > len,
+        "space is kept ahead: file {file_len}, log {len}"
+    );
+    logical_bytes(dir.path(), len);
     drop(wal);
 
     let (wal, recovered) = open(dir.path());
@@ -61,8 +88,9 @@ fn five_records(dir: &Path) -> (Vec<u8>, usize) {
     }
     let before_last = wal.len_bytes() as usize;
     wal.append_blocking(vec![rec(4)]).unwrap();
+    let len = wal.len_bytes();
     drop(wal);
-    (std::fs::read(log_path(dir)).unwrap(), before_last)
+    (logical_bytes(dir, len), before_last)
 }
 
 #[test]
@@ -75,12 +103,12 @@ fn a_torn_tail_at_every_offset_of_the_last_record_is_cut_off() {
         std::fs::write(log_path(dir.path()), &bytes[..cut]).unwrap();
         let (wal, recovered) = open(dir.path());
         assert_eq!(recovered.records, expected, "cut at {cut}");
-        assert_eq!(recovered.truncated_bytes, (cut - last_start) as u64);
+        assert_eq!(recovered.truncated_bytes, torn_len(&bytes[last_start..cut]));
         assert_eq!(wal.len_bytes(), last_start as u64);
+        // The torn bytes are zeroed (the file keeps its length, as space ahead).
         assert_eq!(
-            std::fs::metadata(log_path(dir.path())).unwrap().len(),
-            last_start as u64,
-            "the file is truncated to the last good record"
+            logical_bytes(dir.path(), last_start as u64),
+            bytes[..last_start]
         );
         // The log goes on from the cut, and the next open finds no tail.
         wal.append_blocking(vec![rec(7)]).unwrap();
@@ -143,13 +171,126 @@ fn zeroed_space_after_the_log_is_not_read_as_records() {
     bytes.extend_from_slice(&[0u8; 4096]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(log_path(dir.path()), &bytes).unwrap();
-    let (_wal, recovered) = open(dir.path());
+    let (wal, recovered) = open(dir.path());
     assert_eq!(recovered.records.len(), 5);
-    assert_eq!(recovered.truncated_bytes, 4096);
-    assert_eq!(
-        std::fs::metadata(log_path(dir.path())).unwrap().len(),
-        len as u64
-    );
+    // Zeros to the end of the file are space ahead of the log, not a torn tail.
+    assert_eq!(recovered.truncated_bytes, 0);
+    assert_eq!(wal.len_bytes(), len as u64);
+    assert_eq!(logical_bytes(dir.path(), len as u64), bytes[..len]);
+    // The next record goes over the zeros, right after the last one.
+    wal.append_blocking(vec![rec(5)]).unwrap();
+    drop(wal);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records.len(), 6);
+    assert_eq!(recovered.records[5], rec(5));
+    assert_eq!(recovered.truncated_bytes, 0);
+}
+
+/// A torn tail is zeroed, not only skipped: a stale valid frame after the torn bytes must not
+/// come back once new records end exactly where it starts.
+#[test]
+fn a_stale_frame_after_a_torn_tail_is_never_replayed() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, _) = five_records(src.path());
+    let stale = Bytes::from_static(b"a stale record from before the crash");
+    let mut stale_frame = (stale.len() as u32).to_le_bytes().to_vec();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&stale_frame);
+    crc.update(&stale);
+    stale_frame.extend_from_slice(&crc.finalize().to_le_bytes());
+    stale_frame.extend_from_slice(&stale);
+    // What lies between the last good record and the stale frame: garbage, or garbage then
+    // zeros (a page that reached the disk, one that did not), or zeros only.
+    let next = rec(9);
+    let gap = 8 + next.len();
+    let mut garbage_then_zeros = vec![0xA5u8; gap / 2];
+    garbage_then_zeros.resize(gap, 0);
+    for (name, between) in [
+        ("garbage", vec![0xA5u8; gap]),
+        ("garbage then zeros", garbage_then_zeros),
+        ("zeros", vec![0u8; gap]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut torn = bytes.clone();
+        torn.extend_from_slice(&between);
+        torn.extend_from_slice(&stale_frame);
+        torn.extend_from_slice(&[0u8; 100]);
+        std::fs::write(log_path(dir.path()), &torn).unwrap();
+        let (wal, recovered) = open(dir.path());
+        assert_eq!(recovered.records.len(), 5, "{name}");
+        assert_eq!(
+            recovered.truncated_bytes,
+            (between.len() + stale_frame.len()) as u64,
+            "{name}: everything up to the last non-zero byte is the torn tail"
+        );
+        assert_eq!(wal.len_bytes(), bytes.len() as u64);
+        // A record whose frame ends exactly where the stale frame starts.
+        wal.append_blocking(vec![next.clone()]).unwrap();
+        assert_eq!(wal.len_bytes(), (bytes.len() + gap) as u64);
+        drop(wal);
+        let (_wal, recovered) = open(dir.path());
+        let mut expected: Vec<Bytes> = (0..5).map(rec).collect();
+        expected.push(next.clone());
+        assert_eq!(
+            recovered.records, expected,
+            "{name}: the stale frame came back"
+        );
+        assert_eq!(recovered.truncated_bytes, 0, "{name}");
+    }
+}
+
+/// The grower keeps space ahead as the log grows; a log reopened after several steps has every
+/// record, no tail, and goes on where its records end.
+#[test]
+fn a_log_reopened_after_growing_goes_on_after_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let big = |i: usize| Bytes::from(format!("{i:08} {}", "g".repeat(64 * 1024)));
+    // 6 MiB: past the first steps (1, 2 and 4 MiB).
+    for i in 0..96 {
+        wal.append_blocking(vec![big(i)]).unwrap();
+    }
+    let stats = wal.stats();
+    assert!(stats.grows >= 2, "{stats:?}");
+    let len = wal.len_bytes();
+    drop(wal);
+    let file_len = std::fs::metadata(log_path(dir.path())).unwrap().len();
+    assert!(file_len > len, "file {file_len}, log {len}");
+    logical_bytes(dir.path(), len);
+
+    let (wal, recovered) = open(dir.path());
+    assert_eq!(recovered.truncated_bytes, 0);
+    assert_eq!(recovered.records, (0..96).map(big).collect::<Vec<_>>());
+    assert_eq!(wal.len_bytes(), len);
+    wal.append_blocking(vec![rec(1)]).unwrap();
+    let len = wal.len_bytes();
+    drop(wal);
+    logical_bytes(dir.path(), len);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records.len(), 97);
+    assert_eq!(recovered.records[96], rec(1));
+}
+
+/// A log written without space ahead (by a build before it, or cut by one: an older build
+/// reads a log with space ahead as records then a tail of zeros, and truncates the zeros) is
+/// read whole, and gets space ahead from then on.
+#[test]
+fn a_log_without_space_ahead_opens_and_grows() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, _) = five_records(src.path());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(log_path(dir.path()), &bytes).unwrap();
+    let (wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records, (0..5).map(rec).collect::<Vec<_>>());
+    assert_eq!(recovered.truncated_bytes, 0);
+    wal.append_blocking(vec![rec(5)]).unwrap();
+    let len = wal.len_bytes();
+    assert_eq!(len as usize, bytes.len() + 8 + rec(5).len());
+    drop(wal);
+    // The grower was asked at open; it finished (or was stopped) by the close.
+    logical_bytes(dir.path(), len);
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records.len(), 6);
 }
 
 #[test]
@@ -240,10 +381,10 @@ fn compaction_replaces_the_log_and_survives_reopen() {
     assert_eq!(wal.generation(), 2);
     assert_eq!(wal.stats().compactions, 1);
     assert!(wal.len_bytes() < before);
-    assert_eq!(
-        std::fs::metadata(log_path(dir.path())).unwrap().len(),
-        wal.len_bytes()
-    );
+    // The new file has space ahead too.
+    let file_len = std::fs::metadata(log_path(dir.path())).unwrap().len();
+    assert!(file_len > wal.len_bytes(), "file {file_len}");
+    logical_bytes(dir.path(), wal.len_bytes());
     wal.append_blocking(vec![rec(1000)]).unwrap();
     drop(wal);
     let (_wal, recovered) = open(dir.path());
@@ -392,9 +533,21 @@ fn never_policy_writes_without_syncing() {
     }
     assert_eq!(wal.stats().fsyncs, 0);
     assert_eq!(wal.stats().writes, 20);
+    // Without syncs there is no inode write to save: no space is grown ahead, and appends past
+    // the new log's first zeros make the file longer, as they did before.
+    let big = |i: usize| Bytes::from(format!("{i:08} {}", "n".repeat(64 * 1024)));
+    for i in 0..24 {
+        wal.append_blocking(vec![big(i)]).unwrap();
+    }
+    assert_eq!(wal.stats().grows, 0);
+    let len = wal.len_bytes();
+    assert!(len > 1 << 20);
+    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), len);
     drop(wal);
     let (_wal, recovered) = open(dir.path());
-    assert_eq!(recovered.records, (0..20).map(rec).collect::<Vec<_>>());
+    let mut expected: Vec<Bytes> = (0..20).map(rec).collect();
+    expected.extend((0..24).map(big));
+    assert_eq!(recovered.records, expected);
 }
 
 #[tokio::test]
@@ -581,8 +734,9 @@ fn a_torn_packed_append_is_recovered_all_or_nothing() {
     assert!(matches!(packed, Record::Composite(_)), "{packed:?}");
     wal.append_blocking(vec![packed.to_bytes().unwrap()])
         .unwrap();
+    let len = wal.len_bytes();
     drop(wal);
-    let whole = std::fs::read(log_path(dir.path())).unwrap();
+    let whole = logical_bytes(dir.path(), len);
     let decode = |records: Vec<Bytes>| -> Vec<Record> {
         records.iter().map(|b| Record::decode(b).unwrap()).collect()
     };
@@ -598,7 +752,7 @@ fn a_torn_packed_append_is_recovered_all_or_nothing() {
             assert_eq!(state, with);
         } else {
             assert_eq!(state, without, "cut at {cut}");
-            assert_eq!(recovered.truncated_bytes, (cut - before_len) as u64);
+            assert_eq!(recovered.truncated_bytes, torn_len(&whole[before_len..cut]));
         }
         drop(wal);
     }
@@ -619,8 +773,10 @@ fn a_version_1_log_is_read_and_upgraded() {
     for r in &log {
         wal.append_blocking(vec![r.to_bytes().unwrap()]).unwrap();
     }
+    let len = wal.len_bytes();
     drop(wal);
-    let mut data = std::fs::read(log_path(dir.path())).unwrap();
+    // Version 1 had no space ahead.
+    let mut data = logical_bytes(dir.path(), len);
     data[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(log_path(dir.path()), &data).unwrap();
 
@@ -631,7 +787,8 @@ fn a_version_1_log_is_read_and_upgraded() {
         .map(|b| Record::decode(b).unwrap())
         .collect();
     assert_eq!(records, log);
-    let upgraded = std::fs::read(log_path(dir.path())).unwrap();
+    assert_eq!(wal.len_bytes(), len);
+    let upgraded = logical_bytes(dir.path(), len);
     assert_eq!(
         &upgraded[MAGIC.len()..MAGIC.len() + 4],
         &FORMAT_VERSION.to_le_bytes()

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use qosmos_broker::store::wal::LOG_FILE;
 use qosmos_broker::store::{Wal, WalConfig};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,8 +79,9 @@ impl Rng {
     }
 }
 
-/// Checks the log holds exactly 0..n with n past every acknowledged number; returns n.
-fn check_log(dir: &Path, last_acked: Option<u64>) -> (u64, u64) {
+/// Checks the log holds exactly 0..n with n past every acknowledged number; returns n, the
+/// bytes of torn tail cut, and where the records end (the file goes on with zeros).
+fn check_log(dir: &Path, last_acked: Option<u64>) -> (u64, u64, u64) {
     let (wal, recovered) = Wal::open(WalConfig::new(dir)).unwrap();
     for (i, r) in recovered.records.iter().enumerate() {
         assert_eq!(number(r), i as u64, "record {i} out of order or missing");
@@ -93,8 +94,9 @@ fn check_log(dir: &Path, last_acked: Option<u64>) -> (u64, u64) {
             "acknowledged record {acked} lost: the log holds only 0..{n}"
         );
     }
+    let end = wal.len_bytes();
     drop(wal);
-    (n, recovered.truncated_bytes)
+    (n, recovered.truncated_bytes, end)
 }
 
 #[test]
@@ -162,21 +164,22 @@ fn acknowledged_appends_survive_sigkill() {
             Some(9),
             "cycle {cycle}: the child was not killed by SIGKILL but ended with {status}"
         );
-        let (n, torn) = check_log(dir.path(), last_acked);
+        let (n, torn, end) = check_log(dir.path(), last_acked);
         eprintln!(
             "cycle {cycle}: log holds 0..{n}, last acknowledged {last_acked:?}, cut {torn} bytes"
         );
         if rng.next().is_multiple_of(3) {
             // What a power loss could leave and a kill cannot: the start of a frame whose
             // payload never reached the disk. The next child must cut it off and go on.
-            let mut log = std::fs::OpenOptions::new()
-                .append(true)
+            // It goes where the records end, over the zeros kept ahead of them.
+            let log = std::fs::OpenOptions::new()
+                .write(true)
                 .open(dir.path().join(LOG_FILE))
                 .unwrap();
             let garbage_len = 1 + rng.next() as usize % 40;
             let mut garbage = 200u32.to_le_bytes().to_vec();
             garbage.resize(garbage_len, 0xA5);
-            log.write_all(&garbage).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&log, &garbage, end).unwrap();
             torn_tails += 1;
         }
     }

@@ -1,7 +1,9 @@
-//! The log file on disk: header, record frames, recovery of the valid prefix, and atomic
-//! replacement (temporary file, sync, rename, sync directory).
+//! The log file on disk: header, record frames, recovery of the valid prefix (trailing zeros
+//! are the space kept ahead of the records, a torn tail is zeroed), and atomic replacement
+//! (temporary file with its own space ahead, sync, rename, sync directory).
 
 use super::error::StoreError;
+use super::grow::{round_up, write_zeros};
 use super::wal::Recovered;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
@@ -13,6 +15,8 @@ pub const MAGIC: &[u8; 9] = b"QOSMOSWAL";
 /// The log format this build writes. Version 2 added the packed records
 /// ([`Record::SessionOps`](super::Record::SessionOps), [`Record::Composite`](super::Record::Composite));
 /// a version 1 log (a subset of it) is still read, and rewritten as version 2 when opened.
+/// The zeros kept after the records (see the `wal` module docs) did not change it: an older
+/// version 2 reader takes them for a torn tail and truncates them, losing nothing.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest log format this build reads.
 const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -134,11 +138,20 @@ pub(crate) fn parse_records(data: &Bytes) -> (Vec<Bytes>, usize) {
     (records, pos)
 }
 
-/// Reads the log at `path`, cuts off a torn tail, and opens it for appending.
-pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError> {
+/// An open log: the file, where its records end (the next commit goes there), and its
+/// length (records, then zeros written and synced).
+pub(crate) struct OpenLog {
+    pub(crate) file: File,
+    pub(crate) end: u64,
+    pub(crate) file_len: u64,
+}
+
+/// Reads the log at `path`, zeroes a torn tail, and opens it for writing. `ahead` is the space
+/// a rewritten (upgraded) log gets ahead of its records.
+pub(crate) fn recover(path: &Path, ahead: u64) -> Result<(OpenLog, Recovered), StoreError> {
     let mut file = OpenOptions::new()
         .read(true)
-        .append(true)
+        .write(true)
         .open(path)
         .map_err(|e| StoreError::io("open", path, e))?;
     let mut data = Vec::new();
@@ -147,20 +160,34 @@ pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError>
     let (generation, version) = read_header(path, &data)?;
     let data = Bytes::from(data);
     let (records, good) = parse_records(&data);
-    let truncated = (data.len() - good) as u64;
+    // Zeros from the end of the records to the end of the file are the space written ahead
+    // of the log (or never used), not a tail: the tail is what is not zero.
+    let torn_end = data[good..]
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(good, |last| good + last + 1);
+    let truncated = (torn_end - good) as u64;
     if truncated > 0 {
         tracing::warn!(
             path = %path.display(),
             valid_bytes = good,
             truncated_bytes = truncated,
             records = records.len(),
-            "the write-ahead log ends in a torn or corrupt tail; cutting it off"
+            "the write-ahead log ends in a torn or corrupt tail; cutting it off (zeroing it)"
         );
-        file.set_len(good as u64)
-            .map_err(|e| StoreError::io("truncate", path, e))?;
-        file.sync_all()
+        // Zeroed, not truncated: the space stays ahead of the log. It must be zero before a
+        // commit lands there, or a stale frame after the torn point could be read as a record
+        // once new records end exactly where it starts.
+        write_zeros(&file, good as u64, torn_end as u64)
+            .map_err(|e| StoreError::io("write", path, e))?;
+        file.sync_data()
             .map_err(|e| StoreError::io("sync", path, e))?;
     }
+    let mut log = OpenLog {
+        file,
+        end: good as u64,
+        file_len: data.len() as u64,
+    };
     if version != FORMAT_VERSION {
         // An older format: its records are ours too; rewrite the header (atomically, as a
         // compaction would) so that an older build refuses the records this one will add.
@@ -171,23 +198,29 @@ pub(crate) fn recover(path: &Path) -> Result<(File, Recovered, u64), StoreError>
             to = FORMAT_VERSION,
             "upgrading the write-ahead log format"
         );
-        file = write_new_log(dir, generation, &data[HEADER_LEN..good])?;
+        log = write_new_log(dir, generation, &data[HEADER_LEN..good], ahead)?;
     }
     let recovered = Recovered {
         records,
         truncated_bytes: truncated,
         generation,
     };
-    Ok((file, recovered, good as u64))
+    Ok((log, recovered))
 }
 
-/// Writes a header and `body` to the temporary file and syncs it; returns it open with its
-/// cursor at the end, where the next commit goes. The caller renames it into place.
-pub(crate) fn write_tmp_log(dir: &Path, generation: u64, body: &[u8]) -> Result<File, StoreError> {
+/// Writes a header and `body` to the temporary file, then zeros for at least `ahead` bytes
+/// more, and syncs it. The caller renames it into place.
+pub(crate) fn write_tmp_log(
+    dir: &Path,
+    generation: u64,
+    body: &[u8],
+    ahead: u64,
+) -> Result<OpenLog, StoreError> {
     let tmp = dir.join(TMP_FILE);
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
+        .read(true)
         .write(true)
         .open(&tmp)
         .map_err(|e| StoreError::io("create", &tmp, e))?;
@@ -196,9 +229,16 @@ pub(crate) fn write_tmp_log(dir: &Path, generation: u64, body: &[u8]) -> Result<
     head.extend_from_slice(body);
     file.write_all(&head)
         .map_err(|e| StoreError::io("write", &tmp, e))?;
+    let end = head.len() as u64;
+    let file_len = round_up(end.saturating_add(ahead));
+    write_zeros(&file, end, file_len).map_err(|e| StoreError::io("write", &tmp, e))?;
     file.sync_all()
         .map_err(|e| StoreError::io("sync", &tmp, e))?;
-    Ok(file)
+    Ok(OpenLog {
+        file,
+        end,
+        file_len,
+    })
 }
 
 /// Renames the temporary file over the log and syncs the directory so the rename is durable.
@@ -215,9 +255,15 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io("sync directory", dir, e))
 }
 
-/// Creates a log holding `body` atomically (temporary file, sync, rename, sync directory).
-pub(crate) fn write_new_log(dir: &Path, generation: u64, body: &[u8]) -> Result<File, StoreError> {
-    let file = write_tmp_log(dir, generation, body)?;
+/// Creates a log holding `body` and `ahead` bytes of zeros atomically (temporary file, sync,
+/// rename, sync directory).
+pub(crate) fn write_new_log(
+    dir: &Path,
+    generation: u64,
+    body: &[u8],
+    ahead: u64,
+) -> Result<OpenLog, StoreError> {
+    let log = write_tmp_log(dir, generation, body, ahead)?;
     install_tmp_log(dir)?;
-    Ok(file)
+    Ok(log)
 }

@@ -3,8 +3,10 @@
 //!
 //! - [`wal`]: [`Wal`], an append-only file of checksummed byte records. One writer thread takes
 //!   every append waiting, writes them with one `write` and one `fdatasync`, and resolves them
-//!   all, so N publishers acknowledged at once share one flush. [`Wal::compact`] replaces the
-//!   log with a snapshot of the live state plus what was appended since.
+//!   all, so N publishers acknowledged at once share one flush. A helper thread keeps zeros
+//!   written and synced ahead of the records, so a commit overwrites existing blocks and its
+//!   sync need not write a new file size. [`Wal::compact`] replaces the log with a snapshot of
+//!   the live state plus what was appended since.
 //! - [`record`]: [`Record`], one change to the durable state (a session, a subscription, a
 //!   stored message, a delivery owed and how far it got, a retained message, a will), with a
 //!   strict hand-written binary encoding. [`Record::pack`] turns the records of one append into
@@ -45,8 +47,8 @@
 //! | `Batch { max_delay }` | nothing acknowledged is lost | nothing acknowledged is lost; acks wait up to `max_delay` longer |
 //! | `Never` | nothing acknowledged is lost | recent acknowledged records may be lost |
 //!
-//! After a crash the log is a prefix of what was written: a torn or corrupt tail is cut off at
-//! the first bad record ([`Recovered::truncated_bytes`]), and an append that did not resolve
+//! After a crash the log is a prefix of what was written: a torn or corrupt tail is cut off
+//! (zeroed) at the first bad record ([`Recovered::truncated_bytes`]), and an append that did not resolve
 //! may or may not be there (whole records only: several records of one append may survive in
 //! part, so each record must make sense on its own when replayed; the broker packs each append
 //! into one record, see [`Record::pack`]).
@@ -64,6 +66,7 @@
 
 mod error;
 mod file;
+mod grow;
 pub mod record;
 pub mod state;
 pub mod wal;

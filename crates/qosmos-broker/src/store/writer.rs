@@ -2,12 +2,13 @@
 
 use super::error::StoreError;
 use super::file::{
-    FRAME_HEADER_LEN, HEADER_LEN, LOG_FILE, TMP_FILE, put_frame, sync_dir, write_tmp_log,
+    FRAME_HEADER_LEN, LOG_FILE, OpenLog, TMP_FILE, put_frame, sync_dir, write_tmp_log,
 };
+use super::grow::{Grower, step_for};
 use super::wal::FsyncPolicy;
 use bytes::Bytes;
 use std::fs::{self, File};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) writes: AtomicU64,
     pub(crate) fsyncs: AtomicU64,
     pub(crate) compactions: AtomicU64,
+    pub(crate) grows: AtomicU64,
+    pub(crate) grow_waits: AtomicU64,
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<(), StoreError>>;
@@ -68,7 +71,7 @@ impl std::fmt::Debug for Request {
 struct Compaction {
     seq: u64,
     generation: u64,
-    helper: JoinHandle<Result<(File, u64), StoreError>>,
+    helper: JoinHandle<Result<OpenLog, StoreError>>,
     tail: Vec<u8>,
     reply: Reply,
 }
@@ -77,8 +80,14 @@ struct Compaction {
 pub(crate) struct Writer {
     dir: PathBuf,
     log_path: PathBuf,
-    file: File,
+    /// The log file, shared with the grower. Commits are written at `len` with `pwrite`:
+    /// below the grower's ready space they overwrite zeros and leave the size alone.
+    file: Arc<File>,
+    /// The logical end: where the records end and the next commit goes.
     len: u64,
+    /// None under [`FsyncPolicy::Never`]: without a sync per commit there is no inode write to
+    /// save, only zeros to write.
+    grower: Option<Grower>,
     generation: u64,
     policy: FsyncPolicy,
     rx: mpsc::Receiver<Request>,
@@ -98,18 +107,35 @@ impl Writer {
     /// Starts the writer thread on `file`, the open log of `dir`; returns its queue.
     pub(crate) fn start(
         dir: PathBuf,
-        file: File,
-        len: u64,
+        log: OpenLog,
         generation: u64,
         policy: FsyncPolicy,
         shared: Arc<Shared>,
     ) -> Result<(mpsc::Sender<Request>, JoinHandle<()>), StoreError> {
         let (tx, rx) = mpsc::channel();
+        let log_path = dir.join(LOG_FILE);
+        let file = Arc::new(log.file);
+        let grower = if policy == FsyncPolicy::Never {
+            None
+        } else {
+            let grower = Grower::start(
+                file.clone(),
+                log.file_len.max(log.end),
+                log_path.clone(),
+                shared.clone(),
+            )
+            .map_err(|e| StoreError::io("spawn the grower for", &dir, e))?;
+            // A log opened with little space ahead (written by an older build, or just
+            // created) gets its first step now.
+            grower.after_commit(log.end);
+            Some(grower)
+        };
         let writer = Writer {
-            log_path: dir.join(LOG_FILE),
+            log_path,
             dir: dir.clone(),
             file,
-            len,
+            len: log.end,
+            grower,
             generation,
             policy,
             rx,
@@ -170,6 +196,14 @@ impl Writer {
                 Request::CompactionDone(_) | Request::Shutdown => {}
             }
         }
+        let s = &self.shared;
+        tracing::info!(
+            path = %self.log_path.display(),
+            commits = s.writes.load(Ordering::Relaxed),
+            grows = s.grows.load(Ordering::Relaxed),
+            grow_waits = s.grow_waits.load(Ordering::Relaxed),
+            "write-ahead log closed"
+        );
     }
 
     /// Adds one request to the commit being gathered; true on shutdown.
@@ -260,16 +294,25 @@ impl Writer {
             // Only empty appends: everything before them was synced by earlier commits.
             return Ok(());
         }
+        let end = self.len + self.buf.len() as u64;
+        // Normally there is room already; if the grower failed, the commit appends past the
+        // ready space and its sync writes the new size too, as in a log without space ahead.
+        if let Some(grower) = &self.grower {
+            grower.wait_ready(end, &self.shared);
+        }
         self.file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.len)
             .map_err(|e| StoreError::io("write", &self.log_path, e))?;
-        self.len += self.buf.len() as u64;
+        self.len = end;
         self.shared.writes.fetch_add(1, Ordering::Relaxed);
         if self.policy != FsyncPolicy::Never {
             self.file
                 .sync_data()
                 .map_err(|e| StoreError::io("sync", &self.log_path, e))?;
             self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(grower) = &self.grower {
+            grower.after_commit(end);
         }
         Ok(())
     }
@@ -286,6 +329,13 @@ impl Writer {
         let generation = self.generation + 1;
         let dir = self.dir.clone();
         let wake = self.tx_for_helpers.clone();
+        // The new file gets as much space ahead as the old one would have grown by next: the
+        // rate of appends does not change with a compaction.
+        let ahead = if self.grower.is_some() {
+            step_for(self.len)
+        } else {
+            0
+        };
         let spawned = std::thread::Builder::new()
             .name("qosmos-wal-compact".into())
             .spawn(move || {
@@ -296,8 +346,7 @@ impl Writer {
                         put_frame(&mut body, r)?;
                     }
                     drop(snapshot);
-                    let file = write_tmp_log(&dir, generation, &body)?;
-                    Ok((file, (HEADER_LEN + body.len()) as u64))
+                    write_tmp_log(&dir, generation, &body, ahead)
                 })();
                 let _ = wake.send(Request::CompactionDone(seq));
                 result
@@ -327,21 +376,26 @@ impl Writer {
                 reason: "the compaction thread panicked".into(),
             }),
         };
-        let prepared = written.and_then(|(mut file, len)| {
+        let prepared = written.and_then(|log| {
             if let Some(reason) = &self.failed {
                 return Err(StoreError::Failed {
                     reason: reason.clone(),
                 });
             }
+            let end = log.end + c.tail.len() as u64;
             if !c.tail.is_empty() {
-                file.write_all(&c.tail)
+                log.file
+                    .write_all_at(&c.tail, log.end)
                     .map_err(|e| StoreError::io("write", &tmp, e))?;
-                file.sync_data()
+                log.file
+                    .sync_data()
                     .map_err(|e| StoreError::io("sync", &tmp, e))?;
             }
-            Ok((file, len + c.tail.len() as u64))
+            // Synced up to here: zeros and the tail, which may have gone past them.
+            let ready = log.file_len.max(end);
+            Ok((log.file, end, ready))
         });
-        let (file, len) = match prepared {
+        let (file, len, ready) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "compaction failed; the old log stays in use");
@@ -359,7 +413,11 @@ impl Writer {
             return;
         }
         // Renamed: the old file is unlinked, so from here on the new one is the log.
-        self.file = file;
+        self.file = Arc::new(file);
+        if let Some(grower) = &self.grower {
+            grower.switch(self.file.clone(), ready);
+            grower.after_commit(len);
+        }
         self.len = len;
         self.generation = c.generation;
         self.shared.len.store(len, Ordering::Relaxed);
