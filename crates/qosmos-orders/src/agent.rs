@@ -400,6 +400,7 @@ impl Flusher {
 fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequest>) {
     let mut batch = Vec::with_capacity(MAX_FLUSH);
     let mut answers = Vec::with_capacity(MAX_FLUSH);
+    let mut printed = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_FLUSH {
@@ -409,7 +410,9 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
             }
         }
         let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = std::io::stdout().lock();
+        // The batch's order lines, printed in one write once their journal lines are in the
+        // file (so that a SIGKILL after the print finds them there).
+        printed.clear();
         let mut appended = false;
         for (order, reply) in batch.drain(..) {
             let fail = |e: std::io::Error| -> ! {
@@ -441,21 +444,25 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
                     };
                     j.append(&order.id, h).unwrap_or_else(|e| fail(e));
                     appended = true;
-                    let mut line = order.to_payload();
-                    line.push(b'\n');
-                    match out.write_all(&line).and_then(|()| out.flush()) {
-                        // DEBUG: the order line on stdout is the record.
-                        Ok(()) => tracing::debug!(order_id = %order.id, "order printed"),
-                        Err(e) => {
-                            tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
-                        }
-                    }
+                    printed.extend_from_slice(&order.to_payload());
+                    printed.push(b'\n');
+                    // DEBUG: the order line on stdout is the record.
+                    tracing::debug!(order_id = %order.id, "order printed");
                     (AckOutcome::Accepted, None)
                 }
             };
             answers.push((reply, answer));
         }
-        drop(out);
+        if let Err(e) = j.write_out() {
+            tracing::error!(error = %e, "cannot write the journal: stopping");
+            std::process::exit(1);
+        }
+        if !printed.is_empty() {
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(&printed).and_then(|()| out.flush()) {
+                tracing::error!(error = %e, "printing orders failed");
+            }
+        }
         if appended && let Err(e) = j.sync() {
             tracing::error!(error = %e, "cannot sync the journal: stopping");
             std::process::exit(1);
