@@ -357,10 +357,11 @@ const MAX_FLUSH: usize = 256;
 type FlushRequest = (Order, oneshot::Sender<(AckOutcome, Option<String>)>);
 
 /// Journals and prints orders (without `--exec`) on a thread of its own, a group at a
-/// time: for each order waiting, in arrival order, the journal line is written and then
-/// the order line printed (so a SIGKILL can lose a printed line, never repeat one); then
-/// ONE `fdatasync` covers the group, and only then is any of them answered (and so
-/// acknowledged). Orders that arrive during a sync join the next group. An order the
+/// time: the journal lines of the orders waiting are written (one write), then their order
+/// lines printed (one write, in arrival order; so a SIGKILL can lose a printed line, never
+/// repeat one); then ONE `fdatasync` covers the group, and only then is any of them
+/// answered (and so acknowledged). The group's answers go back to the runtime as one
+/// message, handed out there: one wake-up of the runtime per group, not one per order. Orders that arrive during a sync join the next group. An order the
 /// journal already knows (a redispatch, even one queued in the same group) is not printed
 /// again: it is answered with its recorded outcome.
 #[derive(Debug, Clone)]
@@ -371,6 +372,14 @@ struct Flusher {
 impl Flusher {
     fn start(journal: Arc<Mutex<Journal>>) -> std::io::Result<Flusher> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (answers_tx, mut answers_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Answer>>();
+        tokio::spawn(async move {
+            while let Some(group) = answers_rx.recv().await {
+                for (reply, answer) in group {
+                    let _ = reply.send(answer);
+                }
+            }
+        });
         std::thread::Builder::new()
             .name("journal-flusher".into())
             .spawn(move || {
@@ -378,7 +387,7 @@ impl Flusher {
                 // every later order held unacknowledged, silently: end the process instead;
                 // the broker delivers what was not acknowledged again after a restart.
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    flush_loop(&journal, &rx);
+                    flush_loop(&journal, &rx, &answers_tx);
                 }));
                 if outcome.is_err() {
                     eprintln!(
@@ -397,9 +406,20 @@ impl Flusher {
     }
 }
 
-fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequest>) {
+/// An order's outcome and where it goes.
+type Answer = (
+    oneshot::Sender<(AckOutcome, Option<String>)>,
+    (AckOutcome, Option<String>),
+);
+
+fn flush_loop(
+    journal: &Mutex<Journal>,
+    rx: &std::sync::mpsc::Receiver<FlushRequest>,
+    answers_tx: &tokio::sync::mpsc::UnboundedSender<Vec<Answer>>,
+) {
     let mut batch = Vec::with_capacity(MAX_FLUSH);
     let mut answers = Vec::with_capacity(MAX_FLUSH);
+    let mut printed = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_FLUSH {
@@ -409,7 +429,9 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
             }
         }
         let mut j = journal.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = std::io::stdout().lock();
+        // The batch's order lines, printed in one write once their journal lines are in the
+        // file (so that a SIGKILL after the print finds them there).
+        printed.clear();
         let mut appended = false;
         for (order, reply) in batch.drain(..) {
             let fail = |e: std::io::Error| -> ! {
@@ -441,29 +463,35 @@ fn flush_loop(journal: &Mutex<Journal>, rx: &std::sync::mpsc::Receiver<FlushRequ
                     };
                     j.append(&order.id, h).unwrap_or_else(|e| fail(e));
                     appended = true;
-                    let mut line = order.to_payload();
-                    line.push(b'\n');
-                    match out.write_all(&line).and_then(|()| out.flush()) {
-                        // DEBUG: the order line on stdout is the record.
-                        Ok(()) => tracing::debug!(order_id = %order.id, "order printed"),
-                        Err(e) => {
-                            tracing::error!(order_id = %order.id, error = %e, "printing the order failed");
-                        }
-                    }
+                    printed.extend_from_slice(&order.to_payload());
+                    printed.push(b'\n');
+                    // DEBUG: the order line on stdout is the record.
+                    tracing::debug!(order_id = %order.id, "order printed");
                     (AckOutcome::Accepted, None)
                 }
             };
             answers.push((reply, answer));
         }
-        drop(out);
+        if let Err(e) = j.write_out() {
+            tracing::error!(error = %e, "cannot write the journal: stopping");
+            std::process::exit(1);
+        }
+        if !printed.is_empty() {
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(&printed).and_then(|()| out.flush()) {
+                tracing::error!(error = %e, "printing orders failed");
+            }
+        }
         if appended && let Err(e) = j.sync() {
             tracing::error!(error = %e, "cannot sync the journal: stopping");
             std::process::exit(1);
         }
         drop(j);
-        for (reply, answer) in answers.drain(..) {
-            let _ = reply.send(answer);
-        }
+        // The runtime gone (the agent is stopping): the replies are dropped unanswered.
+        let _ = answers_tx.send(std::mem::replace(
+            &mut answers,
+            Vec::with_capacity(MAX_FLUSH),
+        ));
     }
 }
 

@@ -23,10 +23,14 @@ fn main() -> ExitCode {
     if let Err(e) = logging::init(cli.log_level.as_deref()) {
         return fail(&e);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `qosmos store` is one connection and a journal: one thread runs it all, so an order's
+    // messages are not handed between worker threads (fewer wake-ups on a busy machine; the
+    // journal's syncs run on a thread of their own, see `qosmos_orders::agent`).
+    let mut builder = match cli.command {
+        Command::Store(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&CliError::runtime(format!("cannot start the runtime: {e}"))),
     };

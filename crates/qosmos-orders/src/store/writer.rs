@@ -38,6 +38,12 @@
 //! its start on its next transaction once a checkpoint has copied all of it. Durability
 //! does not depend on checkpoints (a commit is durable once its WAL frames are synced).
 //!
+//! Each commit is synced with `fdatasync(2)`, not `fsync(2)`: the workspace builds the
+//! bundled SQLite with `HAVE_FDATASYNC` (`.cargo/config.toml`), as Linux distributions
+//! build theirs. `fsync` also wrote the WAL's inode (its mtime) at every commit, one more
+//! synchronous write on ext4; what `fdatasync` leaves out is only that timestamp (a WAL that
+//! grows still has its new size synced).
+//!
 //! [`OrderStore::create`]: super::OrderStore::create
 //! [`OrderStore::mark_dispatched`]: super::OrderStore::mark_dispatched
 //! [`OrderStore::record_ack`]: super::OrderStore::record_ack
