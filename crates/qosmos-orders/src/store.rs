@@ -119,6 +119,9 @@ pub struct WriteStats {
     pub requests: u64,
     /// WAL checkpoints run (by the checkpointer thread, beside the writer).
     pub checkpoints: u64,
+    /// Checkpoints the writer finished so that the WAL was all copied and restarts from
+    /// its start: the WAL does not grow under a steady load.
+    pub wal_resets: u64,
 }
 
 /// What [`OrderStore::create`] did.
@@ -342,6 +345,7 @@ impl OrderStore {
             commits: c.commits.load(std::sync::atomic::Ordering::Relaxed),
             requests: c.requests.load(std::sync::atomic::Ordering::Relaxed),
             checkpoints: c.checkpoints.load(std::sync::atomic::Ordering::Relaxed),
+            wal_resets: c.wal_resets.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -886,6 +890,66 @@ mod tests {
             "the orders never reached the database file"
         );
         assert!(store.write_stats().checkpoints >= 1);
+        store.close().await;
+    }
+
+    /// The WAL's checkpoint sequence number (its header's bytes 12..16): how many times
+    /// SQLite wrote the WAL from its start again.
+    fn wal_restarts(wal: &Path) -> u32 {
+        std::fs::read(wal)
+            .ok()
+            .and_then(|b| {
+                b.get(12..16)
+                    .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Under writes that never pause, the WAL is still written from its start again after
+    /// the checkpoints (the writer finishes each one), so it does not grow with the load.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_restarts_under_a_load_that_never_pauses() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (dir, store) = temp_store().await;
+        let wal = dir.path().join("o.db-wal");
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        store
+                            .create(&body("s1", &format!("t{t}-{n}")), None)
+                            .await
+                            .expect("create");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let restarted = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if wal_restarts(&wal) >= 3 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let mut orders = 0;
+        for t in tasks {
+            orders += t.await.expect("task");
+        }
+        let stats = store.write_stats();
+        assert!(
+            restarted.is_ok(),
+            "the WAL never restarted under load: {stats:?}, {orders} orders, WAL {} bytes",
+            std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
+        );
+        assert!(stats.wal_resets >= 1, "{stats:?}");
         store.close().await;
     }
 

@@ -38,6 +38,18 @@
 //! its start on its next transaction once a checkpoint has copied all of it. Durability
 //! does not depend on checkpoints (a commit is durable once its WAL frames are synced).
 //!
+//! Under a steady load that "once" never came: the writer commits while every checkpoint
+//! runs, so a checkpoint never finds the WAL all copied when it ends. The WAL then grew by
+//! every commit for as long as the load lasted (measured: 376 MB after 10 s at ~4,500
+//! orders/s), and every commit's sync also wrote the file's new size. So after each of
+//! the checkpointer's checkpoints the writer, between two batches, runs one more passive
+//! checkpoint itself. It copies only what was committed while the first one ran (the
+//! writer is the only writer, so nothing is added meanwhile), the WAL is then all copied,
+//! and the writer's next transaction writes it from its start again, over blocks already
+//! allocated. The WAL stays the size of one checkpoint interval of commits. The requests
+//! that arrive meanwhile wait for that small checkpoint (copying the pages and syncing the
+//! database file), at most once per [`CHECKPOINT_EVERY`].
+//!
 //! Each commit is synced with `fdatasync(2)`, not `fsync(2)`: the workspace builds the
 //! bundled SQLite with `HAVE_FDATASYNC` (`.cargo/config.toml`), as Linux distributions
 //! build theirs. `fsync` also wrote the WAL's inode (its mtime) at every commit, one more
@@ -119,6 +131,9 @@ pub(crate) struct Counters {
     pub(crate) requests: AtomicU64,
     /// Checkpoints run by the checkpointer.
     pub(crate) checkpoints: AtomicU64,
+    /// Checkpoints finished by the writer after one of the checkpointer's that left the WAL
+    /// fully copied (its next transaction then writes the WAL from its start again).
+    pub(crate) wal_resets: AtomicU64,
 }
 
 impl std::fmt::Debug for Request {
@@ -344,7 +359,13 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut answers = Vec::with_capacity(MAX_BATCH);
+    let mut checkpoints_seen = 0;
     loop {
+        let checkpoints = stats.checkpoints.load(Ordering::Relaxed);
+        if checkpoints != checkpoints_seen {
+            checkpoints_seen = checkpoints;
+            finish_checkpoint(&conn, stats);
+        }
         let Some(first) = rx.blocking_recv() else {
             drop(conn);
             checkpointer.stop();
@@ -385,6 +406,34 @@ fn run(
             rx.close();
             return;
         }
+    }
+}
+
+/// After a checkpoint of the checkpointer's, between two batches: copies what was committed
+/// while it ran, so that the WAL is all copied and the next transaction restarts it (see
+/// the module docs). PASSIVE: it never waits, for readers or for the checkpointer (it is
+/// then `busy` and changes nothing); a reader still on an older snapshot only delays the
+/// restart to a later checkpoint.
+fn finish_checkpoint(conn: &Connection, stats: &Counters) {
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    }) {
+        Ok((busy, frames, copied)) => {
+            if busy == 0 && frames == copied {
+                stats.wal_resets.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::trace!(
+                busy,
+                frames,
+                copied,
+                "order store checkpoint finished by the writer"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "order store checkpoint by the writer failed"),
     }
 }
 
