@@ -896,13 +896,13 @@ mod tests {
     /// The WAL's checkpoint sequence number (its header's bytes 12..16): how many times
     /// SQLite wrote the WAL from its start again.
     fn wal_restarts(wal: &Path) -> u32 {
-        std::fs::read(wal)
-            .ok()
-            .and_then(|b| {
-                b.get(12..16)
-                    .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        use std::io::Read;
+        let mut header = [0u8; 16];
+        std::fs::File::open(wal)
+            .and_then(|mut f| f.read_exact(&mut header))
+            .map_or(0, |()| {
+                u32::from_be_bytes([header[12], header[13], header[14], header[15]])
             })
-            .unwrap_or(0)
     }
 
     /// Under writes that never pause, the WAL is still written from its start again after
@@ -913,9 +913,11 @@ mod tests {
         let (dir, store) = temp_store().await;
         let wal = dir.path().join("o.db-wal");
         let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(tokio::sync::Notify::new());
         let tasks: Vec<_> = (0..32)
             .map(|t| {
-                let (store, stop) = (store.clone(), stop.clone());
+                let (store, stop, seen, wal) =
+                    (store.clone(), stop.clone(), seen.clone(), wal.clone());
                 tokio::spawn(async move {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -924,20 +926,15 @@ mod tests {
                             .await
                             .expect("create");
                         n += 1;
+                        if t == 0 && wal_restarts(&wal) >= 3 {
+                            seen.notify_one();
+                        }
                     }
                     n
                 })
             })
             .collect();
-        let restarted = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if wal_restarts(&wal) >= 3 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let restarted = tokio::time::timeout(Duration::from_secs(30), seen.notified()).await;
         stop.store(true, Ordering::Relaxed);
         let mut orders = 0;
         for t in tasks {
