@@ -1370,22 +1370,30 @@ mod tests {
         store.close().await;
     }
 
+    /// A new database file at `path` with migration 1's schema only (no
+    /// `schema_migrations` yet), as an old build created it.
+    async fn version_1_pool(path: &Path) -> SqlitePool {
+        let pool = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .foreign_keys(true),
+        )
+        .await
+        .expect("connect");
+        sqlx::raw_sql(MIGRATIONS[0].2)
+            .execute(&pool)
+            .await
+            .expect("v1");
+        pool
+    }
+
     #[tokio::test]
     async fn a_version_1_database_gets_the_new_status_check_and_keeps_its_orders() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("o.db");
         {
-            let pool = SqlitePool::connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("connect");
-            sqlx::raw_sql(MIGRATIONS[0].2)
-                .execute(&pool)
-                .await
-                .expect("v1");
+            let pool = version_1_pool(&path).await;
             sqlx::raw_sql(
                 "CREATE TABLE schema_migrations (version INTEGER NOT NULL PRIMARY KEY, \
                    name TEXT NOT NULL, applied_at INTEGER NOT NULL); \
@@ -1497,18 +1505,7 @@ mod tests {
         let fingerprint = body.fingerprint();
         {
             // A database as versions 1 and 2 left it, with orders in every state.
-            let pool = SqlitePool::connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true)
-                    .foreign_keys(true),
-            )
-            .await
-            .expect("connect");
-            sqlx::raw_sql(MIGRATIONS[0].2)
-                .execute(&pool)
-                .await
-                .expect("v1");
+            let pool = version_1_pool(&path).await;
             let mut tx = pool.begin().await.expect("begin");
             sqlx::raw_sql(MIGRATIONS[1].2)
                 .execute(&mut *tx)
