@@ -521,7 +521,7 @@ async fn handshake(
             return None;
         }
         Ok(Err(_)) => return None,
-        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(Packet::Connect(c))) => *c,
         Ok(Ok(_)) => return None, // the decoder accepts only CONNECT first
     };
     let conn = Conn::accept(hub, connect, peer, &mut stream).await?;

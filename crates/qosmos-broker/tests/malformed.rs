@@ -24,7 +24,7 @@ fn connect_bytes(version: ProtocolVersion, id: &str) -> Vec<u8> {
     c.keep_alive = 30;
     let mut buf = BytesMut::new();
     Encoder::new(version)
-        .encode(&Packet::Connect(c), &mut buf)
+        .encode(&Packet::Connect(Box::new(c)), &mut buf)
         .unwrap();
     buf.to_vec()
 }
@@ -169,7 +169,7 @@ async fn malformed_input_is_refused_and_others_are_unaffected() {
     let mut bad = Connect::new(V5, "rm0");
     bad.properties.set_receive_maximum(0);
     let mut buf = BytesMut::new();
-    qosmos_mqtt::encode_packet(&Packet::Connect(bad), V5, &mut buf).unwrap();
+    qosmos_mqtt::encode_packet(&Packet::Connect(Box::new(bad)), V5, &mut buf).unwrap();
     let seen = before_connect(a, V5, &buf).await;
     assert_connack("Receive Maximum 0", &seen, ReasonCode::PROTOCOL_ERROR);
     refused += 1;

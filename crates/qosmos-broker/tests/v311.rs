@@ -45,8 +45,10 @@ async fn client_identifier_rules() {
 
     // Empty identifier without clean session (paho refuses to send that, so raw bytes).
     let mut c = RawClient::open(b.addr, V).await;
-    c.send(&Packet::Connect(RawClient::connect_packet(V, "", false)))
-        .await;
+    c.send(&Packet::Connect(Box::new(RawClient::connect_packet(
+        V, "", false,
+    ))))
+    .await;
     let mut bytes = Vec::new();
     let closed = tokio::time::timeout(common::TIMEOUT, async {
         use tokio::io::AsyncReadExt;
@@ -645,7 +647,7 @@ async fn takeover_race(b: &TestBroker) {
         let id = got.packet_id.unwrap();
         // Its PUBREC and a takeover, at once.
         let mut second = RawClient::open(b.addr, V).await;
-        let connect = Packet::Connect(RawClient::connect_packet(V, "race-sub", false));
+        let connect = Packet::Connect(Box::new(RawClient::connect_packet(V, "race-sub", false)));
         // The takeover first, the PUBREC a varying moment later, to land in the window
         // between the new connection's resend and the old one's last read.
         second.send(&connect).await;

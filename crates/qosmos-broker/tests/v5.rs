@@ -734,9 +734,9 @@ async fn connection_limit() {
     let (_first, _) = RawClient::connect(b.addr, RawClient::connect_packet(V, "first", true)).await;
     for version in [V, ProtocolVersion::V311] {
         let mut c = RawClient::open(b.addr, version).await;
-        c.send(&Packet::Connect(RawClient::connect_packet(
+        c.send(&Packet::Connect(Box::new(RawClient::connect_packet(
             version, "second", true,
-        )))
+        ))))
         .await;
         let seen = c.expect_closed().await;
         let want = if version == V {

@@ -348,7 +348,7 @@ impl Task {
             encoder: Encoder::new(version),
             keep_alive: KeepAlive::client(self.opts.keep_alive, Instant::now().into_std()),
         };
-        conn.encode(&Packet::Connect(self.connect_packet()))
+        conn.encode(&Packet::Connect(Box::new(self.connect_packet())))
             .map_err(HandshakeError::Other)?;
         conn.writer
             .write_all_buf(&mut conn.wbuf)

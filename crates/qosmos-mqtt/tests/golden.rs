@@ -25,14 +25,14 @@ fn v311_connect_variable_header_example() {
     });
     c.username = Some("u".into());
     c.password = Some(Bytes::from_static(b"p"));
-    let wire = encode(&Packet::Connect(c.clone()), ProtocolVersion::V311);
+    let wire = encode(&Packet::Connect(Box::new(c.clone())), ProtocolVersion::V311);
     assert_eq!(
         &wire[2..12],
         &[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xCE, 0x00, 0x0A]
     );
     assert_eq!(
         decode_packet(&wire, Role::Server, None).unwrap(),
-        Packet::Connect(c)
+        Packet::Connect(Box::new(c))
     );
 }
 
@@ -52,7 +52,7 @@ fn v5_connect_variable_header_example() {
     c.username = Some("u".into());
     c.password = Some(Bytes::from_static(b"p"));
     c.properties.set_session_expiry_interval(10);
-    let wire = encode(&Packet::Connect(c.clone()), ProtocolVersion::V5);
+    let wire = encode(&Packet::Connect(Box::new(c.clone())), ProtocolVersion::V5);
     assert_eq!(
         &wire[2..18],
         &[
@@ -62,7 +62,7 @@ fn v5_connect_variable_header_example() {
     );
     assert_eq!(
         decode_packet(&wire, Role::Server, None).unwrap(),
-        Packet::Connect(c)
+        Packet::Connect(Box::new(c))
     );
 }
 

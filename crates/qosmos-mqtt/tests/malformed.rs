@@ -42,7 +42,7 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 fn to_server(v: ProtocolVersion, bytes: &[u8]) -> Result<Packet, DecodeError> {
     let mut d = Decoder::new(Role::Server, None);
     let mut c = BytesMut::new();
-    encode_packet(&Packet::Connect(Connect::new(v, "c")), v, &mut c).unwrap();
+    encode_packet(&Packet::Connect(Box::new(Connect::new(v, "c"))), v, &mut c).unwrap();
     d.decode(&mut c).unwrap().unwrap();
     let mut b = BytesMut::from(bytes);
     let p = d
@@ -830,7 +830,7 @@ fn errors_never_panic_on_any_prefix_of_any_packet() {
     c.properties.set_session_expiry_interval(60);
     c.username = Some("u".into());
     c.password = Some(bytes::Bytes::from_static(b"p"));
-    encode_packet(&Packet::Connect(c), V5, &mut wire).unwrap();
+    encode_packet(&Packet::Connect(Box::new(c)), V5, &mut wire).unwrap();
     for n in 0..wire.len() {
         let mut d = Decoder::new(Role::Server, None);
         let mut b = BytesMut::from(&wire[..n]);

@@ -178,7 +178,7 @@ fn connect(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
                 } else {
                     password
                 };
-                Packet::Connect(Connect {
+                Packet::Connect(Box::new(Connect {
                     protocol: v,
                     clean_start,
                     keep_alive,
@@ -187,7 +187,7 @@ fn connect(v: ProtocolVersion) -> impl Strategy<Value = Packet> {
                     username,
                     password,
                     properties,
-                })
+                }))
             },
         )
 }

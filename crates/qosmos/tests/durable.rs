@@ -474,7 +474,7 @@ impl Raw {
         let mut c = Connect::new(ProtocolVersion::V311, client_id);
         c.clean_start = clean;
         c.keep_alive = 60;
-        raw.send(&Packet::Connect(c));
+        raw.send(&Packet::Connect(Box::new(c)));
         match raw.expect() {
             Packet::ConnAck(a) => (raw, a.session_present),
             other => panic!("expected CONNACK, got {other:?}"),

@@ -399,7 +399,7 @@ impl RawClient {
     /// Connects with `connect` and returns the CONNACK.
     pub async fn connect(addr: SocketAddr, connect: Connect) -> (RawClient, ConnAck) {
         let mut c = RawClient::open(addr, connect.protocol).await;
-        c.send(&Packet::Connect(connect)).await;
+        c.send(&Packet::Connect(Box::new(connect))).await;
         match c.recv(TIMEOUT).await {
             Recv::Packet(Packet::ConnAck(a)) => (c, a),
             other => panic!("expected CONNACK, got {other:?}"),

@@ -263,7 +263,7 @@ impl Peer {
             ..Default::default()
         }))
         .await;
-        c
+        *c
     }
 }
 

@@ -136,7 +136,7 @@ impl Decoder {
         let mut r = Reader(body);
         let v5 = self.version == Some(ProtocolVersion::V5);
         let packet = match t {
-            PacketType::Connect => Packet::Connect(decode_connect(&mut r)?),
+            PacketType::Connect => Packet::Connect(Box::new(decode_connect(&mut r)?)),
             PacketType::ConnAck => Packet::ConnAck(self.decode_connack(&mut r)?),
             PacketType::Publish => Packet::Publish(self.decode_publish(flags, &mut r)?),
             PacketType::PubAck => {

@@ -102,7 +102,7 @@ impl Conn {
             .password
             .as_ref()
             .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()));
-        conn.queue(&Packet::Connect(connect))?;
+        conn.queue(&Packet::Connect(Box::new(connect)))?;
         conn.flush().await?;
         let packet = tokio::time::timeout(timeout, conn.next_packet())
             .await
