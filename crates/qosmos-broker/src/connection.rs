@@ -980,6 +980,16 @@ impl Conn {
                 }
             }
         }
+        // Sized up front: a read of many PUBLISHes (a busy publisher) would otherwise grow
+        // it by doubling, copying each time (a `Record` is 136 bytes). A message's records
+        // are usually two: the message and its one `Enqueue`.
+        if hub.store.is_some() {
+            let publishes = packets
+                .iter()
+                .filter(|p| matches!(p, Packet::Publish(_)))
+                .count();
+            batch.records.reserve(publishes * 2);
+        }
         let needs_lock = hub.store.is_some()
             && !packets.iter().all(|p| {
                 matches!(

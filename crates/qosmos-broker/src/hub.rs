@@ -280,14 +280,30 @@ impl Hub {
             .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
         let mut message_id = None;
         if let (Some(g), false) = (guard, publish.topic.starts_with('$')) {
-            let mut owed = Vec::new();
+            // The message's record goes first, pushed at its first durable delivery (or for
+            // the retained message below), then its `Enqueue`s, then the retained record.
+            let push_message = |records: &mut Vec<Record>, id: u64| {
+                records.push(Record::Message {
+                    id,
+                    publish: storable(&publish),
+                    expires_at_unix_ms: expires_at.map(unix_ms_of),
+                });
+            };
             for d in &mut deliveries {
                 let mut st = d.session.lock();
                 let persistent = st.expiry_interval > 0;
                 if d.qos != QoS::AtMostOnce && persistent && g.has_session(d.session.client_id()) {
-                    let id = *message_id.get_or_insert_with(|| g.message_id());
+                    let id = match message_id {
+                        Some(id) => id,
+                        None => {
+                            let id = g.message_id();
+                            message_id = Some(id);
+                            push_message(records, id);
+                            id
+                        }
+                    };
                     d.durable = true;
-                    owed.push(Record::Enqueue {
+                    records.push(Record::Enqueue {
                         client_id: d.session.client.clone(),
                         message_id: id,
                         qos: d.qos,
@@ -305,29 +321,27 @@ impl Hub {
                     }
                 }
             }
-            let mut retained = None;
             if publish.retain {
                 if publish.payload.is_empty() {
-                    retained = Some(Record::RetainedClear {
+                    records.push(Record::RetainedClear {
                         topic: publish.topic.clone(),
                     });
                 } else {
-                    let id = *message_id.get_or_insert_with(|| g.message_id());
-                    retained = Some(Record::RetainedSet {
+                    let id = match message_id {
+                        Some(id) => id,
+                        None => {
+                            let id = g.message_id();
+                            message_id = Some(id);
+                            push_message(records, id);
+                            id
+                        }
+                    };
+                    records.push(Record::RetainedSet {
                         topic: publish.topic.clone(),
                         message_id: id,
                     });
                 }
             }
-            if let Some(id) = message_id {
-                records.push(Record::Message {
-                    id,
-                    publish: storable(&publish),
-                    expires_at_unix_ms: expires_at.map(unix_ms_of),
-                });
-            }
-            records.extend(owed);
-            records.extend(retained);
         }
         if publish.retain {
             self.retain(&publish, expires_at, message_id);
