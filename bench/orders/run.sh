@@ -21,6 +21,10 @@
 #   --rates L   only these scenarios, e.g. "r1000" or "max r1000" (default: max r100 r1000)
 #   --conns N   keep-alive connections per load process (default 8; 2 processes), the
 #               same for every stack
+#   --rounds N  run the max scenarios N times (default 1), the stacks' order alternated
+#               round by round (labels seed/max@2, qosmos/max@2, ...); the table adds the
+#               median of each stack's max and of the per-round ratios, since one run's
+#               max moves by about a tenth on a shared machine
 #   --py-load   drive both stacks with load.py (Python) instead of the Rust generator
 #               (target/release/examples/orders_load, built here; same body, ack check
 #               and output, a fraction of the CPU)
@@ -48,6 +52,7 @@ STAGES=0
 RATES="max r100 r1000"
 CONNS=8
 PYLOAD=0
+ROUNDS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -61,12 +66,14 @@ while [ $# -gt 0 ]; do
         --rates) RATES="${2:-}"; shift ;;
         --conns) CONNS="${2:-}"; shift ;;
         --py-load) PYLOAD=1 ;;
-        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        --rounds) ROUNDS="${2:-}"; shift ;;
+        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 case "$ONLY" in both|seed|qosmos) ;; *) echo "run.sh: --only seed|qosmos" >&2; exit 2 ;; esac
+case "$ROUNDS" in ''|*[!0-9]*|0) echo "run.sh: --rounds takes a positive number, not '$ROUNDS'" >&2; exit 2 ;; esac
 
 OUT=${OUT:-$(mktemp -d /tmp/qosmos-orders-bench.XXXXXX)}
 mkdir -p "$OUT"
@@ -202,8 +209,9 @@ start_qosmos() { # DIR [BIN]
 
 # scenario STACK LABEL ORDERS RATE
 scenario() {
-    local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s
-    case " $RATES " in *" ${label#*/} "*) ;; *) return 0 ;; esac
+    local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s name
+    name=${label#*/}
+    case " $RATES " in *" ${name%@*} "*) ;; *) return 0 ;; esac
     dir="$OUT/$label"
     mkdir -p "$dir"
     case "$stack" in
@@ -246,6 +254,25 @@ if [ "$ONLY" != seed ]; then
         scenario baseline qosmos-baseline/r1000 $((1000 * SECS)) 1000
     fi
 fi
+
+# More rounds of the max scenarios, the stacks' order alternated (qosmos first in even rounds).
+max_round() { # K
+    local k=$1
+    if [ "$ONLY" != qosmos ]; then scenario gunicorn "seed/max@$k" $N_MAX_SEED 0; fi
+    if [ "$ONLY" != seed ]; then
+        scenario qosmos "qosmos/max@$k" $N_MAX_QOSMOS 0
+        if [ -n "$BASELINE" ]; then scenario baseline "qosmos-baseline/max@$k" $N_MAX_QOSMOS 0; fi
+    fi
+}
+for k in $(seq 2 "$ROUNDS"); do
+    if [ $((k % 2)) = 0 ] && [ "$ONLY" = both ]; then
+        # qosmos (and the baseline) first, then the seed
+        ONLY=qosmos max_round "$k"
+        ONLY=seed max_round "$k"
+    else
+        max_round "$k"
+    fi
+done
 
 "$PY" "$HERE/table.py" "$RESULTS"
 echo "logs and results: $OUT" >&2

@@ -5,6 +5,28 @@ import json
 import sys
 
 
+def median(values):
+    """The median, rounded to 0.1; None for no values."""
+    v = sorted(values)
+    if not v:
+        return None
+    m = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return round(m, 1)
+
+
+def max_rounds(rows, seed, q):
+    """(seed, qosmos) max orders/s per round: round 1 is `*/max`, round k `*/max@k`."""
+    out = []
+    k = 1
+    while True:
+        suffix = "" if k == 1 else "@%d" % k
+        s, x = rows.get(seed + "/max" + suffix), rows.get(q + "/max" + suffix)
+        if s is None and x is None:
+            return out
+        out.append(((s or {}).get("orders_per_sec"), (x or {}).get("orders_per_sec")))
+        k += 1
+
+
 def main(path):
     rows = {}
     for ln in open(path):
@@ -32,6 +54,14 @@ def main(path):
 
     a, b = get(seed + "/max", "orders_per_sec"), get(q + "/max", "orders_per_sec")
     lines.append("| max orders/s (POST → ack recorded) | %s | %s | %s |" % (fmt(a), fmt(b), ratio(b, a)))
+    rounds = max_rounds(rows, seed, q)
+    if len(rounds) > 1:
+        both = [(s, x) for s, x in rounds if s and x]
+        ratios = ", ".join("%.1f×" % (x / s) for s, x in both)
+        lines.append("| max orders/s, median of %d rounds (per-round ratios: %s) | %s | %s | %s |" % (
+            len(rounds), ratios or "-", fmt(median([s for s, _ in rounds if s])),
+            fmt(median([x for _, x in rounds if x])),
+            "-" if not both else "%.1f×" % median([x / s for s, x in both])))
     for rate in ("r1000", "r100"):
         for key, name in (("orders_per_sec", "achieved orders/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                           ("post_rtt_p99_ms", "POST round trip p99 ms")):
