@@ -280,28 +280,27 @@ impl Hub {
             .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
         let mut message_id = None;
         if let (Some(g), false) = (guard, publish.topic.starts_with('$')) {
-            // The message's record goes first, pushed at its first durable delivery (or for
-            // the retained message below), then its `Enqueue`s, then the retained record.
-            let push_message = |records: &mut Vec<Record>, id: u64| {
-                records.push(Record::Message {
-                    id,
-                    publish: storable(&publish),
-                    expires_at_unix_ms: expires_at.map(unix_ms_of),
-                });
+            // The message's id, given (and its record pushed) at its first durable delivery
+            // or for the retained message below: its record goes first, then its `Enqueue`s,
+            // then the retained record.
+            let stored = |message_id: &mut Option<u64>,
+                          g: &mut StoreGuard<'_>,
+                          records: &mut Vec<Record>| {
+                *message_id.get_or_insert_with(|| {
+                    let id = g.message_id();
+                    records.push(Record::Message {
+                        id,
+                        publish: storable(&publish),
+                        expires_at_unix_ms: expires_at.map(unix_ms_of),
+                    });
+                    id
+                })
             };
             for d in &mut deliveries {
                 let mut st = d.session.lock();
                 let persistent = st.expiry_interval > 0;
                 if d.qos != QoS::AtMostOnce && persistent && g.has_session(d.session.client_id()) {
-                    let id = match message_id {
-                        Some(id) => id,
-                        None => {
-                            let id = g.message_id();
-                            message_id = Some(id);
-                            push_message(records, id);
-                            id
-                        }
-                    };
+                    let id = stored(&mut message_id, g, records);
                     d.durable = true;
                     records.push(Record::Enqueue {
                         client_id: d.session.client.clone(),
@@ -327,15 +326,7 @@ impl Hub {
                         topic: publish.topic.clone(),
                     });
                 } else {
-                    let id = match message_id {
-                        Some(id) => id,
-                        None => {
-                            let id = g.message_id();
-                            message_id = Some(id);
-                            push_message(records, id);
-                            id
-                        }
-                    };
+                    let id = stored(&mut message_id, g, records);
                     records.push(Record::RetainedSet {
                         topic: publish.topic.clone(),
                         message_id: id,
