@@ -6,9 +6,11 @@
 //!    again because the ack was lost or late): the same ack is sent again, nothing else.
 //! 2. Otherwise, without `--exec`: the outcome `accepted` is written to the journal, then the
 //!    order JSON is printed as one line on stdout (and flushed), then the journal is synced.
-//!    With `--exec CMD`: `started` is
-//!    recorded, CMD runs once with the order JSON on stdin, and its outcome is recorded
-//!    (exit 0 accepts; anything else rejects, with CMD's stderr as the reason).
+//!    With `--exec CMD`: `started` is recorded (synced), the order JSON is printed as one
+//!    line on stdout, CMD runs once with the order JSON on stdin, and its outcome is
+//!    recorded (exit 0 accepts; anything else rejects, with CMD's stderr as the reason).
+//!    CMD's stdout goes to the agent's stderr, so that the agent's stdout is one order
+//!    JSON line per order with or without `--exec`.
 //! 3. The ack `{"order_id", "status", "reason"?}` is published at QoS 2 on
 //!    `acks/{store_id}`, and the agent waits for PUBCOMP.
 //! 4. Only then is the message let go (the handler returns, or the task holding it ends),
@@ -36,6 +38,7 @@
 //! off, 30-day session expiry), so orders published while it is down wait in the broker.
 
 use std::io::Write as _;
+use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -318,7 +321,11 @@ impl Handler {
             return Err(());
         };
         self.write(order, Handled::Started).await?;
-        let (status, reason) = run_exec(cmd, &order.to_payload()).await;
+        // Printed once `started` is on disk: after a crash from here on, the journal says
+        // `started` and the order is neither run nor printed again.
+        let payload = order.to_payload();
+        print_order(&payload);
+        let (status, reason) = run_exec(cmd, &payload).await;
         tracing::info!(order_id = %order.id, ?status, reason = reason.as_deref().unwrap_or(""), "--exec finished");
         self.record(order, status, reason.clone()).await?;
         Ok((status, reason))
@@ -495,14 +502,31 @@ fn flush_loop(
     }
 }
 
+/// Prints one order's JSON line on stdout (with `--exec`; the flusher prints its batches).
+fn print_order(payload: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_all(payload)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        tracing::error!(error = %e, "printing the order failed");
+    }
+}
+
 /// Runs `cmd` through `sh -c` with `input` on stdin: exit 0 accepts; anything else rejects
-/// with the command's stderr (or its exit status) as the reason.
+/// with the command's stderr (or its exit status) as the reason. The command's stdout goes
+/// to the agent's stderr: the agent's stdout stays one order JSON line per order.
 async fn run_exec(cmd: &str, input: &[u8]) -> (AckOutcome, Option<String>) {
+    let stdout = match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => Stdio::from(fd),
+        Err(_) => Stdio::null(),
+    };
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn();
     let mut child = match child {

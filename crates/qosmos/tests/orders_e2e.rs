@@ -475,12 +475,12 @@ fn exec_rejects_with_the_commands_stderr() {
     let script = dir.join("decide.sh");
     std::fs::write(
         &script,
-        "#!/bin/sh\nif grep -q '\"sku\":\"none-left\"'; then echo 'out of stock: none-left' >&2; exit 3; fi\nexit 0\n",
+        "#!/bin/sh\necho 'decided by the script'\nif grep -q '\"sku\":\"none-left\"'; then echo 'out of stock: none-left' >&2; exit 3; fi\nexit 0\n",
     )
     .expect("script");
     let serve = Serve::start(&dir, &[]);
     let exec = format!("sh {}", script.display());
-    let _agent = Agent::start(&dir, "shop", &serve.broker_url(), Some(&exec));
+    let agent = Agent::start(&dir, "shop", &serve.broker_url(), Some(&exec));
     let mut want = HashMap::new();
     for i in 0..10 {
         let sku = if i % 3 == 0 { "none-left" } else { "tea" };
@@ -509,6 +509,16 @@ fn exec_rejects_with_the_commands_stderr() {
             assert_eq!(v["status"], "accepted", "{v}");
         }
     }
+    // With --exec too, the agent's stdout is one order JSON line per order, each once
+    // (`printed` parses every line); the command's own stdout went to the agent's stderr.
+    let printed = agent.printed();
+    assert_eq!(printed.len(), ids.len(), "{printed:?}");
+    assert!(printed.values().all(|&n| n == 1), "{printed:?}");
+    assert!(
+        agent.log().contains("decided by the script"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

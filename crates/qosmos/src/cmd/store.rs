@@ -29,7 +29,8 @@ pub(crate) struct StoreArgs {
     pub(crate) data_dir: Option<PathBuf>,
 
     /// Run CMD once per order with the order JSON on stdin: exit 0 accepts, anything else
-    /// rejects with CMD's stderr as the reason.
+    /// rejects with CMD's stderr as the reason. The order is printed on stdout as without
+    /// it; CMD's own stdout goes to stderr.
     #[arg(long, env = "QOSMOS_EXEC", value_name = "CMD")]
     pub(crate) exec: Option<String>,
 }
