@@ -3,7 +3,7 @@
 # next to `qosmos serve` + `qosmos store`, same load generator, same machine.
 #
 # Usage: bench/orders/run.sh [--quick] [--only seed|qosmos] [--variants] [--tmpfs] [--out DIR] [--no-build]
-#                            [--baseline BIN] [--stages] [--rates LIST] [--conns N]
+#                            [--baseline BIN] [--stages] [--rates LIST] [--conns "N ..."] [--rate-conns N]
 #
 #   --quick     fewer orders (about a minute in all instead of several)
 #   --only S    run one stack only
@@ -19,8 +19,14 @@
 #               qosmos_orders::stage=debug) and write, per scenario, stages.txt: where
 #               the time went, step by step (stages.py); the logging costs some CPU
 #   --rates L   only these scenarios, e.g. "r1000" or "max r1000" (default: max r100 r1000)
-#   --conns N   keep-alive connections per load process (default 8; 2 processes), the
-#               same for every stack
+#   --conns L   keep-alive connections per load process (2 processes), the same for
+#               every stack. A list (default "4 8 16 32") runs the max scenario once per
+#               value (labels seed/max-c16, ...) and takes each stack's best as its max:
+#               a closed loop measures connections / round trip, so a stack's capacity is
+#               its peak over the concurrency (see README, "Max at each stack's best
+#               concurrency").
+#   --rate-conns N  keep-alive connections per load process in the rate scenarios
+#               (default 8)
 #   --rounds N  run the max scenarios N times (default 1), the stacks' order alternated
 #               round by round (labels seed/max@2, qosmos/max@2, ...); the table adds the
 #               median of each stack's max and of the per-round ratios, since one run's
@@ -32,7 +38,8 @@
 # Every scenario starts its stack fresh (new database, new broker) on free loopback
 # ports and stops it afterwards; each process also runs under `timeout`, so nothing
 # outlives the script. Scenarios, each with S=4 stores:
-#   max      as many orders/s as 2 load processes x 8 (--conns) keep-alive connections get through
+#   max      as many orders/s as 2 load processes x C keep-alive connections get through,
+#            for each C of --conns; a stack's max is its best
 #   r1000    1,000 orders/s offered (open loop) for D seconds
 #   r100     100 orders/s offered for D seconds
 # Needs: mosquitto (Debian), python3 with .venv from .ci/requirements.txt + gunicorn
@@ -50,7 +57,8 @@ TMPFS=0
 BASELINE=""
 STAGES=0
 RATES="max r100 r1000"
-CONNS=8
+CONNS="4 8 16 32"
+RATE_CONNS=8
 PYLOAD=0
 ROUNDS=1
 while [ $# -gt 0 ]; do
@@ -65,15 +73,21 @@ while [ $# -gt 0 ]; do
         --stages) STAGES=1 ;;
         --rates) RATES="${2:-}"; shift ;;
         --conns) CONNS="${2:-}"; shift ;;
+        --rate-conns) RATE_CONNS="${2:-}"; shift ;;
         --py-load) PYLOAD=1 ;;
         --rounds) ROUNDS="${2:-}"; shift ;;
-        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 case "$ONLY" in both|seed|qosmos) ;; *) echo "run.sh: --only seed|qosmos" >&2; exit 2 ;; esac
 case "$ROUNDS" in ''|*[!0-9]*|0) echo "run.sh: --rounds takes a positive number, not '$ROUNDS'" >&2; exit 2 ;; esac
+read -r -a CONNS_LIST <<< "$CONNS"
+[ ${#CONNS_LIST[@]} -gt 0 ] || { echo "run.sh: --conns takes one or more positive numbers" >&2; exit 2; }
+for c in "${CONNS_LIST[@]}" "$RATE_CONNS"; do
+    case "$c" in *[!0-9]*|0*) echo "run.sh: --conns and --rate-conns take positive numbers, not '$c'" >&2; exit 2 ;; esac
+done
 
 OUT=${OUT:-$(mktemp -d /tmp/qosmos-orders-bench.XXXXXX)}
 mkdir -p "$OUT"
@@ -207,11 +221,12 @@ start_qosmos() { # DIR [BIN]
     URL="http://127.0.0.1:$hport"
 }
 
-# scenario STACK LABEL ORDERS RATE
+# scenario STACK LABEL ORDERS RATE [CONNS]
 scenario() {
-    local stack=$1 label=$2 n=$3 rate=$4 dir timeout_s name
+    local stack=$1 label=$2 n=$3 rate=$4 conns=${5:-$RATE_CONNS} dir timeout_s name
     name=${label#*/}
-    case " $RATES " in *" ${name%@*} "*) ;; *) return 0 ;; esac
+    name=${name%@*}
+    case " $RATES " in *" ${name%-c*} "*) ;; *) return 0 ;; esac
     dir="$OUT/$label"
     mkdir -p "$dir"
     case "$stack" in
@@ -220,9 +235,9 @@ scenario() {
         *) start_seed "$dir" "$stack" ;;
     esac
     timeout_s=$((n / 50 + 60))
-    echo "== $label: $n orders, rate ${rate:-max}, $STORES stores" >&2
+    echo "== $label: $n orders, rate ${rate:-max}, $STORES stores, 2 x $conns connections" >&2
     timeout $((timeout_s + 60)) "${LOAD[@]}" --url "$URL" --orders "$n" --stores $STORES \
-        --rate "$rate" --conns "$CONNS" --procs 2 --timeout $timeout_s \
+        --rate "$rate" --conns "$conns" --procs 2 --timeout $timeout_s \
         --store-out "$dir/store-*.out" --label "$label" --dump "$dir/orders.jsonl" \
         >> "$RESULTS" 2> >(tee "$dir/load.log" >&2) || true
     stop_all
@@ -234,22 +249,33 @@ scenario() {
     fi
 }
 
+# max_at STACK LABEL ORDERS: the max scenario at each --conns value (one label if one value)
+max_at() {
+    local stack=$1 label=$2 n=$3 round="" c
+    case "$label" in *@*) round="@${label#*@}"; label=${label%@*} ;; esac
+    if [ ${#CONNS_LIST[@]} = 1 ]; then
+        scenario "$stack" "$label$round" "$n" 0 "${CONNS_LIST[0]}"
+        return
+    fi
+    for c in "${CONNS_LIST[@]}"; do scenario "$stack" "$label-c$c$round" "$n" 0 "$c"; done
+}
+
 if [ "$ONLY" != qosmos ]; then
-    scenario gunicorn seed/max $N_MAX_SEED 0
+    max_at gunicorn seed/max $N_MAX_SEED
     scenario gunicorn seed/r100 $((100 * SECS)) 100
     scenario gunicorn seed/r1000 $((1000 * SECS)) 1000
     if [ "$VARIANTS" = 1 ]; then
-        scenario waitress seed-waitress/max $N_MAX_SEED 0
-        scenario gunicorn2 seed-gunicorn-w2/max $N_MAX_SEED 0
-        scenario dev seed-devserver/max $N_MAX_SEED 0
+        max_at waitress seed-waitress/max $N_MAX_SEED
+        max_at gunicorn2 seed-gunicorn-w2/max $N_MAX_SEED
+        max_at dev seed-devserver/max $N_MAX_SEED
     fi
 fi
 if [ "$ONLY" != seed ]; then
-    scenario qosmos qosmos/max $N_MAX_QOSMOS 0
+    max_at qosmos qosmos/max $N_MAX_QOSMOS
     scenario qosmos qosmos/r100 $((100 * SECS)) 100
     scenario qosmos qosmos/r1000 $((1000 * SECS)) 1000
     if [ -n "$BASELINE" ]; then
-        scenario baseline qosmos-baseline/max $N_MAX_QOSMOS 0
+        max_at baseline qosmos-baseline/max $N_MAX_QOSMOS
         scenario baseline qosmos-baseline/r100 $((100 * SECS)) 100
         scenario baseline qosmos-baseline/r1000 $((1000 * SECS)) 1000
     fi
@@ -258,10 +284,10 @@ fi
 # More rounds of the max scenarios, the stacks' order alternated (qosmos first in even rounds).
 max_round() { # K
     local k=$1
-    if [ "$ONLY" != qosmos ]; then scenario gunicorn "seed/max@$k" $N_MAX_SEED 0; fi
+    if [ "$ONLY" != qosmos ]; then max_at gunicorn "seed/max@$k" $N_MAX_SEED; fi
     if [ "$ONLY" != seed ]; then
-        scenario qosmos "qosmos/max@$k" $N_MAX_QOSMOS 0
-        if [ -n "$BASELINE" ]; then scenario baseline "qosmos-baseline/max@$k" $N_MAX_QOSMOS 0; fi
+        max_at qosmos "qosmos/max@$k" $N_MAX_QOSMOS
+        if [ -n "$BASELINE" ]; then max_at baseline "qosmos-baseline/max@$k" $N_MAX_QOSMOS; fi
     fi
 }
 for k in $(seq 2 "$ROUNDS"); do

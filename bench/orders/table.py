@@ -2,6 +2,7 @@
 """Side-by-side table from run.sh's results.jsonl (one load.py JSON object per line)."""
 
 import json
+import re
 import sys
 
 
@@ -14,17 +15,31 @@ def median(values):
     return round(m, 1)
 
 
-def max_rounds(rows, seed, q):
-    """(seed, qosmos) max orders/s per round: round 1 is `*/max`, round k `*/max@k`."""
-    out = []
-    k = 1
-    while True:
-        suffix = "" if k == 1 else "@%d" % k
-        s, x = rows.get(seed + "/max" + suffix), rows.get(q + "/max" + suffix)
-        if s is None and x is None:
-            return out
-        out.append(((s or {}).get("orders_per_sec"), (x or {}).get("orders_per_sec")))
-        k += 1
+MAX_LABEL = re.compile(r"^(?P<stack>[^/]+)/max(?:-c(?P<conns>\d+))?(?:@(?P<round>\d+))?$")
+
+
+def max_runs(rows):
+    """{(stack, round, conns): orders/s} of the max scenarios; conns None when run.sh ran
+    one --conns value (labels stack/max, stack/max@k) and C for stack/max-cC[@k]."""
+    out = {}
+    for label, r in rows.items():
+        m = MAX_LABEL.match(label)
+        if m and r.get("orders_per_sec") is not None:
+            conns = int(m.group("conns")) if m.group("conns") else None
+            out[(m.group("stack"), int(m.group("round") or 1), conns)] = r["orders_per_sec"]
+    return out
+
+
+def best(runs, stack, k):
+    """A stack's max in round k: its best over the concurrencies run; None if none ran."""
+    v = [x for (s, r, _), x in runs.items() if s == stack and r == k]
+    return max(v) if v else None
+
+
+def max_rounds(runs, seed, q):
+    """(seed, qosmos) max orders/s per round, each the stack's best over the concurrencies."""
+    last = max([r for (_, r, _) in runs] or [0])
+    return [(best(runs, seed, k), best(runs, q, k)) for k in range(1, last + 1)]
 
 
 def main(path):
@@ -52,15 +67,27 @@ def main(path):
             return "-"
         return "%.1f×" % ((a / b) if not inverse else (b / a))
 
-    a, b = get(seed + "/max", "orders_per_sec"), get(q + "/max", "orders_per_sec")
-    lines.append("| max orders/s (POST → ack recorded) | %s | %s | %s |" % (fmt(a), fmt(b), ratio(b, a)))
-    rounds = max_rounds(rows, seed, q)
+    runs = max_runs(rows)
+    conns = sorted({c for (_, _, c) in runs if c is not None})
+    what = "max orders/s (POST → ack recorded)"
+    if conns:
+        what += ", each stack's best of %s load connections" % ", ".join("2×%d" % c for c in conns)
+    a, b = best(runs, seed, 1), best(runs, q, 1)
+    lines.append("| %s | %s | %s | %s |" % (what, fmt(a), fmt(b), ratio(b, a)))
+    rounds = max_rounds(runs, seed, q)
     if len(rounds) > 1:
         both = [(s, x) for s, x in rounds if s and x]
         ratios = ", ".join("%.1f×" % (x / s) for s, x in both)
         lines.append("| max orders/s, median of %d rounds (per-round ratios: %s) | %s | %s | %s |" % (
             len(rounds), ratios or "-", fmt(median([s for s, _ in rounds if s])),
             fmt(median([x for _, x in rounds if x])),
+            "-" if not both else "%.1f×" % median([x / s for s, x in both])))
+    for c in conns:
+        per = [(runs.get((seed, k, c)), runs.get((q, k, c))) for k in range(1, len(rounds) + 1)]
+        both = [(s, x) for s, x in per if s and x]
+        lines.append("| max orders/s at 2×%d connections%s | %s | %s | %s |" % (
+            c, "" if len(per) == 1 else ", median of %d rounds" % len(per),
+            fmt(median([s for s, _ in per if s])), fmt(median([x for _, x in per if x])),
             "-" if not both else "%.1f×" % median([x / s for s, x in both])))
     for rate in ("r1000", "r100"):
         for key, name in (("orders_per_sec", "achieved orders/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
