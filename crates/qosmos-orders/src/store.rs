@@ -610,6 +610,21 @@ impl OrderStore {
         ack_timeout: Duration,
         limit: u32,
     ) -> Result<Vec<Order>, StoreError> {
+        self.due_for_dispatch_received_by(now, ack_timeout, now, limit)
+            .await
+    }
+
+    /// [`due_for_dispatch`](Self::due_for_dispatch), with only the `received` orders
+    /// created at or before `received_by`: a dispatcher fed the orders this process
+    /// creates ([`created_orders`](Self::created_orders)) scans for the others without
+    /// taking the ones still on their way through its feed (publishing those twice).
+    pub async fn due_for_dispatch_received_by(
+        &self,
+        now: Timestamp,
+        ack_timeout: Duration,
+        received_by: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Order>, StoreError> {
         let timeout =
             i64::try_from(ack_timeout.as_micros()).unwrap_or(i64::MAX >> MAX_REDISPATCH_DOUBLINGS);
         let timeout = timeout.min(i64::MAX >> (MAX_REDISPATCH_DOUBLINGS + 1));
@@ -618,6 +633,7 @@ impl OrderStore {
             .bind(i64::from(MAX_REDISPATCH_DOUBLINGS))
             .bind(now.as_micros())
             .bind(i64::from(limit.max(1)))
+            .bind(received_by.as_micros())
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter()
@@ -643,12 +659,12 @@ impl OrderStore {
 }
 
 /// [`OrderStore::due_for_dispatch`]'s query: $1 ack timeout (µs), $2 most doublings, $3 now
-/// (µs), $4 limit.
+/// (µs), $4 limit, $5 the latest creation time of a `received` order taken (µs).
 fn due_sql() -> String {
     format!(
         "SELECT {ORDER_COLUMNS} FROM orders \
          WHERE {PENDING} \
-           AND (status = 'received' \
+           AND ((status = 'received' AND created_at <= $5) \
                 OR (status = 'dispatched' AND last_dispatched_at + \
                     ($1 << MIN(MAX(dispatch_attempts - 1, 0), $2)) <= $3)) \
          ORDER BY id LIMIT $4"
@@ -1257,6 +1273,42 @@ mod tests {
                 .expect("feed")
                 .is_empty()
         );
+        store.close().await;
+    }
+
+    /// A dispatcher's periodic scan takes only the `received` orders created before its
+    /// cut-off (the younger ones are on their way through its feed); the overdue
+    /// `dispatched` ones it takes whenever they were created.
+    #[tokio::test]
+    async fn due_for_dispatch_received_by_leaves_younger_received_orders() {
+        let (_dir, store) = temp_store().await;
+        let old = create_one(&store, "s").await;
+        let sent = create_one(&store, "s").await;
+        store.mark_dispatched(&sent).await.expect("dispatched");
+        let young = create_one(&store, "s").await;
+        let young_at = store.get(&young).await.expect("get").expect("young");
+        let cutoff = Timestamp::from_micros(young_at.order.created_at.as_micros() - 1);
+        let timeout = Duration::from_secs(10);
+        let ids = |v: Vec<Order>| v.into_iter().map(|o| o.id).collect::<Vec<_>>();
+        // Now: only the received ones, the dispatched one is not overdue yet.
+        let now = Timestamp::now();
+        let all = store
+            .due_for_dispatch_received_by(now, timeout, now, 10)
+            .await
+            .expect("due");
+        assert_eq!(ids(all), [old.clone(), young]);
+        let before_young = store
+            .due_for_dispatch_received_by(now, timeout, cutoff, 10)
+            .await
+            .expect("due");
+        assert_eq!(ids(before_young), [old]);
+        // Later: the overdue dispatched order too, young or not.
+        let later = now.saturating_add(Duration::from_secs(11));
+        let none_received = store
+            .due_for_dispatch_received_by(later, timeout, Timestamp::from_micros(0), 10)
+            .await
+            .expect("due");
+        assert_eq!(ids(none_received), [sent]);
         store.close().await;
     }
 

@@ -459,6 +459,11 @@ fn sixty_orders_across_three_stores_are_accepted_and_printed_once() {
         metrics.contains("qosmos_orders_acks_recorded_total 60"),
         "{metrics}"
     );
+    // Each order published once: no scan took an order its feed was bringing.
+    assert!(
+        metrics.contains("\nqosmos_orders_dispatched_total 60\n"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("qosmos_orders_ack_subscription_qos 2"),
         "{metrics}"
