@@ -323,9 +323,11 @@ impl Handler {
         self.write(order, Handled::Started).await?;
         // Printed once `started` is on disk: after a crash from here on, the journal says
         // `started` and the order is neither run nor printed again.
-        let payload = order.to_payload();
-        print_order(&payload);
-        let (status, reason) = run_exec(cmd, &payload).await;
+        let mut line = order.to_payload();
+        line.push(b'\n');
+        print_lines(&line);
+        let payload = line.strip_suffix(b"\n").unwrap_or(&line);
+        let (status, reason) = run_exec(cmd, payload).await;
         tracing::info!(order_id = %order.id, ?status, reason = reason.as_deref().unwrap_or(""), "--exec finished");
         self.record(order, status, reason.clone()).await?;
         Ok((status, reason))
@@ -484,10 +486,7 @@ fn flush_loop(
             std::process::exit(1);
         }
         if !printed.is_empty() {
-            let mut out = std::io::stdout().lock();
-            if let Err(e) = out.write_all(&printed).and_then(|()| out.flush()) {
-                tracing::error!(error = %e, "printing orders failed");
-            }
+            print_lines(&printed);
         }
         if appended && let Err(e) = j.sync() {
             tracing::error!(error = %e, "cannot sync the journal: stopping");
@@ -502,15 +501,11 @@ fn flush_loop(
     }
 }
 
-/// Prints one order's JSON line on stdout (with `--exec`; the flusher prints its batches).
-fn print_order(payload: &[u8]) {
+/// Writes order lines (each ending in a newline) to stdout in one write, and flushes.
+fn print_lines(lines: &[u8]) {
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out
-        .write_all(payload)
-        .and_then(|()| out.write_all(b"\n"))
-        .and_then(|()| out.flush())
-    {
-        tracing::error!(error = %e, "printing the order failed");
+    if let Err(e) = out.write_all(lines).and_then(|()| out.flush()) {
+        tracing::error!(error = %e, "printing orders failed");
     }
 }
 

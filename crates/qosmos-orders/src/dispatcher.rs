@@ -180,40 +180,25 @@ impl DispatcherTask {
                 () = self.rescan.notified() => self.scan(Timestamp::now()).await,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => Vec::new(),
             };
-            if !self.publish_all(due, &inflight, &window, &mut tasks).await {
-                return;
+            for order in due {
+                if !claim(&inflight, &order.id) {
+                    continue;
+                }
+                let Ok(permit) = window.clone().acquire_owned().await else {
+                    return;
+                };
+                let job = Job {
+                    order,
+                    permit,
+                    inflight: inflight.clone(),
+                    store: self.store.clone(),
+                    client: self.client.clone(),
+                    metrics: self.metrics.clone(),
+                    mqtt5: self.config.mqtt5,
+                };
+                tasks.spawn(job.run());
             }
         }
-    }
-
-    /// Starts a publish of each order of `due` not already being published, each once
-    /// there is room in the window. False when the window is closed (shutting down).
-    async fn publish_all(
-        &self,
-        due: Vec<Order>,
-        inflight: &Inflight,
-        window: &Arc<Semaphore>,
-        tasks: &mut JoinSet<()>,
-    ) -> bool {
-        for order in due {
-            if !claim(inflight, &order.id) {
-                continue;
-            }
-            let Ok(permit) = window.clone().acquire_owned().await else {
-                return false;
-            };
-            let job = Job {
-                order,
-                permit,
-                inflight: inflight.clone(),
-                store: self.store.clone(),
-                client: self.client.clone(),
-                metrics: self.metrics.clone(),
-                mqtt5: self.config.mqtt5,
-            };
-            tasks.spawn(job.run());
-        }
-        true
     }
 
     /// `store`'s orders that are `dispatched` and not acknowledged, oldest first.
