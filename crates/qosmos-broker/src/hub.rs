@@ -9,6 +9,7 @@ use crate::store::{Commit, Record};
 use qosmos_mqtt::index::SubscriptionIndex;
 use qosmos_mqtt::topic::{self, parse_shared};
 use qosmos_mqtt::{MqttStr, PacketId, PropertyId, ProtocolVersion, Publish, QoS, encoded_len};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -67,12 +68,18 @@ pub(crate) struct Delivery {
     held: Option<PacketId>,
 }
 
+/// The deliveries of one message, inline up to two: most messages go to one or two sessions,
+/// and a heap allocation made as a PUBLISH is routed and freed once its records are durable
+/// (after the commit, often on the other worker, or the log's writer) was the largest source
+/// of contention on the allocator's locks in a durable broker (see BENCHMARKS.md, "Durability").
+pub(crate) type Deliveries = SmallVec<[Delivery; 2]>;
+
 /// A message routed (and, with a store, recorded), to be handed to its subscribers once its
 /// records are durable.
 #[derive(Debug)]
 pub(crate) struct Routed {
     publish: Publish,
-    deliveries: Vec<Delivery>,
+    deliveries: Deliveries,
     message_id: Option<u64>,
 }
 
@@ -365,9 +372,9 @@ impl Hub {
     }
 
     /// Decides who gets a message.
-    fn plan(&self, publish: &Publish, origin: Option<&str>) -> Vec<Delivery> {
+    fn plan(&self, publish: &Publish, origin: Option<&str>) -> Deliveries {
         let topic = publish.topic.as_str();
-        let mut direct: Vec<(usize, Delivery)> = Vec::new();
+        let mut deliveries = Deliveries::new();
         let mut shared: HashMap<(&str, &str), Vec<&SubEntry>> = HashMap::new();
         let subs = self.subs_read();
         subs.matches(topic, |filter, key, entry| {
@@ -382,28 +389,27 @@ impl Hub {
                     let qos = publish.qos.min(o.qos);
                     // Overlapping subscriptions of one client: one delivery at the highest QoS,
                     // with every subscription identifier (MQTT 5.0 3.3.4).
-                    if let Some((_, d)) = direct.iter_mut().find(|(p, _)| *p == ptr) {
+                    if let Some(d) = deliveries
+                        .iter_mut()
+                        .find(|d| Arc::as_ptr(&d.session) as usize == ptr)
+                    {
                         d.qos = d.qos.max(qos);
                         d.retain |= retain;
                         d.ids.extend(entry.sub.id);
                     } else {
-                        direct.push((
-                            ptr,
-                            Delivery {
-                                session: entry.session.clone(),
-                                qos,
-                                retain,
-                                ids: entry.sub.id.into_iter().collect(),
-                                durable: false,
-                                held: None,
-                            },
-                        ));
+                        deliveries.push(Delivery {
+                            session: entry.session.clone(),
+                            qos,
+                            retain,
+                            ids: entry.sub.id.into_iter().collect(),
+                            durable: false,
+                            held: None,
+                        });
                     }
                 }
                 Some(group) => shared.entry((&**group, filter)).or_default().push(entry),
             }
         });
-        let mut deliveries: Vec<Delivery> = direct.into_iter().map(|(_, d)| d).collect();
         for members in shared.into_values() {
             // Round robin over the group, preferring members that are online.
             let start = self.shared_cursor.fetch_add(1, Ordering::Relaxed);
