@@ -1,11 +1,12 @@
 //! The receiving side of QoS 0, 1 and 2: acknowledgements, duplicate detection, Receive Maximum.
 
 use super::error::StateError;
+use super::packet_ids::IdMap;
 use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, PubRel, Publish};
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
 use crate::version::ProtocolVersion;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// When QoS 1 and 2 messages are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,7 +176,7 @@ pub struct Incoming {
 /// What an [`Incoming`] tracks and queues.
 #[derive(Debug, Clone, Default)]
 struct Queues {
-    exchanges: HashMap<PacketId, Exchange>,
+    exchanges: IdMap<Exchange>,
     transmit: VecDeque<Packet>,
 }
 

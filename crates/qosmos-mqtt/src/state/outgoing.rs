@@ -1,12 +1,12 @@
 //! The sending side of QoS 0, 1 and 2: packet identifiers, the inflight window, redelivery.
 
 use super::error::{QueueFull, QueueLimit, StateError};
-use super::packet_ids::PacketIds;
+use super::packet_ids::{IdMap, PacketIds};
 use crate::packet::{Packet, PacketId, PacketType, PubAck, PubComp, PubRec, PubRel, Publish};
 use crate::properties::Properties;
 use crate::qos::QoS;
 use crate::reason::ReasonCode;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Names one message handed to [`Outgoing::publish`], from then until its completion.
 ///
@@ -280,7 +280,7 @@ pub struct Outgoing {
 struct Queues {
     /// Inflight exchanges in the order their PUBLISH was first sent.
     entries: BTreeMap<u64, Entry>,
-    by_id: HashMap<PacketId, u64>,
+    by_id: IdMap<u64>,
     /// Identifiers taken with [`Outgoing::reserve_packet_id`].
     reserved: BTreeSet<PacketId>,
     /// Identifiers and window slots taken with [`Outgoing::reserve_publish`], for messages not
