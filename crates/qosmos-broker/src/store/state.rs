@@ -4,35 +4,15 @@
 use super::record::{Record, SessionOp};
 use qosmos_mqtt::{MqttStr, PacketId, Publish, QoS, SubscriptionOptions};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 
 /// Message ids → stored messages, hashed with [`IdHasher`].
 pub type MessageMap = HashMap<u64, StoredMessage, BuildHasherDefault<IdHasher>>;
 
 /// The hasher of the maps keyed by message id: ids are chosen by the broker (a counter), not
 /// by peers, so they need no protection against collision attacks, and SipHash cost the
-/// mirror as much as a lookup. A multiplication spreads consecutive ids over the whole word,
-/// high bits included (where the hash table takes its tags from).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Not used by u64 keys; kept correct for any other.
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing: the multiplier is 2^64 / the golden ratio, odd.
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
+/// mirror as much as a lookup.
+pub use qosmos_mqtt::state::IdHasher;
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed
 /// deliveries, stored messages, retained messages and pending wills.

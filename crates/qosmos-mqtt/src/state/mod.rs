@@ -31,3 +31,4 @@ pub use outgoing::{
     Completed, Inflight, InflightEntry, Orphan, Outgoing, OutgoingConfig, OutgoingStats,
     SessionLoss, Ticket,
 };
+pub use packet_ids::IdHasher;

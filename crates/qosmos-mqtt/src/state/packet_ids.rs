@@ -4,27 +4,31 @@ use crate::packet::PacketId;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// A map keyed by packet identifier, hashed with [`PacketIdHasher`].
-pub(crate) type IdMap<V> = HashMap<PacketId, V, BuildHasherDefault<PacketIdHasher>>;
+/// A map keyed by packet identifier, hashed with [`IdHasher`].
+pub(crate) type IdMap<V> = HashMap<PacketId, V, BuildHasherDefault<IdHasher>>;
 
-/// The hasher of maps keyed by packet identifier: a multiplication instead of SipHash, which
-/// cost as much as the lookups it served (a QoS 2 message makes about ten on its way through
-/// a broker). A peer chooses the identifiers of its own PUBLISHes, but there are 65,535 of
-/// them and a session holds at most its Receive Maximum, so no choice of them can make a map
-/// slow; the product's high half is folded into the low one, so that identifiers sharing
-/// their low bits still spread over the table.
+/// The hasher of maps keyed by identifiers whose number is bounded or chosen by the broker
+/// itself: packet identifiers here, message ids in the broker's durable state. A
+/// multiplication instead of SipHash, which cost as much as the lookups it served (a QoS 2
+/// message makes about ten by packet id on its way through a broker).
+///
+/// A peer chooses the packet identifiers of its own PUBLISHes, but there are 65,535 of them
+/// and a session holds at most its Receive Maximum, so no choice of them can make a map slow.
+/// Fibonacci hashing (the multiplier is 2^64 / the golden ratio, odd) spreads consecutive
+/// keys over the high bits, where a hash table takes its tags from; the product's high half
+/// is folded into the low one, where it takes its buckets from, so that keys sharing their
+/// low bits spread too.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct PacketIdHasher(u64);
+pub struct IdHasher(u64);
 
-impl Hasher for PacketIdHasher {
+impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        // Fibonacci hashing: the multiplier is 2^64 / the golden ratio, odd.
         let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         x ^ (x >> 32)
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Not used by `u16` keys; kept correct for any other.
+        // Not used by integer keys; kept correct for any other.
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
@@ -32,6 +36,10 @@ impl Hasher for PacketIdHasher {
 
     fn write_u16(&mut self, n: u16) {
         self.0 = self.0.rotate_left(16) ^ u64::from(n);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = self.0.rotate_left(5).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n;
     }
 }
 
@@ -73,7 +81,7 @@ mod tests {
 
     #[test]
     fn the_hasher_spreads_identifiers_that_share_their_low_bits() {
-        let build = BuildHasherDefault::<PacketIdHasher>::default();
+        let build = BuildHasherDefault::<IdHasher>::default();
         // Multiples of 1024 share their low 10 bits; their hashes' low 10 bits must not.
         let low: std::collections::HashSet<u64> = (1..=63u16)
             .map(|k| build.hash_one(pid(k * 1024)) & 1023)
