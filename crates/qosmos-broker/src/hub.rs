@@ -384,14 +384,13 @@ impl Hub {
                     if o.no_local && origin == Some(&*key.client) {
                         return;
                     }
-                    let ptr = Arc::as_ptr(&entry.session) as usize;
                     let retain = publish.retain && o.retain_as_published;
                     let qos = publish.qos.min(o.qos);
                     // Overlapping subscriptions of one client: one delivery at the highest QoS,
                     // with every subscription identifier (MQTT 5.0 3.3.4).
                     if let Some(d) = deliveries
                         .iter_mut()
-                        .find(|d| Arc::as_ptr(&d.session) as usize == ptr)
+                        .find(|d| Arc::ptr_eq(&d.session, &entry.session))
                     {
                         d.qos = d.qos.max(qos);
                         d.retain |= retain;
