@@ -1504,15 +1504,32 @@ impl Conn {
             }
         }
         let mut messages = Vec::with_capacity(retained.len());
+        // The durable messages this session is owed, as the log will have it when this read's
+        // records reach it: those its queue names (a routed delivery is queued under the store
+        // lock that logs its `Enqueue`, which this read holds; a retained one right after its
+        // SUBACK, before this connection reads again), and those acknowledged in this read,
+        // whose `Delivered` goes to the log after what this read adds.
+        let owed: Vec<u64> = if durable && retained.iter().any(|(_, _, id)| id.is_some()) {
+            let st = self.session.lock();
+            st.message_ids
+                .values()
+                .copied()
+                .chain(batch.delivered.iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (m, qos, message_id) in retained {
             // Owed durably like any routed message, unless already owed (the same retained
-            // message twice before the first was delivered).
+            // message twice before the first was delivered): a second `Enqueue` is ignored on
+            // replay, so this delivery would not be durable, and its steps would be taken for
+            // the first one's. A retained message's id is that of the stored message its
+            // retained topic references, so the durable state holds it.
             let message_id = match (guard.as_deref(), message_id) {
-                (Some(g), Some(mid))
+                (Some(_), Some(mid))
                     if durable
                         && qos != QoS::AtMostOnce
-                        && g.has_message(mid)
-                        && !g.owes(self.session.client_id(), mid)
+                        && !owed.contains(&mid)
                         && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
                 {
                     batch.records.push(Record::Enqueue {

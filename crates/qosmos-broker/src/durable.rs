@@ -1,20 +1,21 @@
-//! How the broker uses its store: one lock orders every append; a mirror of the durable state,
-//! from which compaction snapshots are taken, is brought up to date by a thread of its own, in
-//! log order, outside that lock (the clients with a session, asked at every PUBLISH, are kept
-//! under the lock); and the rebuild of the broker's memory from that state at start.
+//! How the broker uses its store: one lock orders every append (the clients with a session,
+//! asked at every PUBLISH, and those with a pending will are kept under it); compaction
+//! replays the log itself, read back on a thread of its own, into the snapshot it writes (the
+//! broker keeps no copy of the durable state for it, so appends pay nothing for compaction
+//! between compactions); and the rebuild of the broker's memory from that state at start.
 //!
 //! The calling contract, for every change the log must hold: take [`Store::lock`], change the
 //! broker's memory, [`StoreGuard::submit`] the records describing the change, drop the lock,
 //! and only then await the returned [`Commit`] before sending what promised the change (PUBACK,
 //! PUBREC, SUBACK, a QoS 2 PUBLISH or a PUBREL). Records whose loss costs nothing but a resend
-//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: queued for the mirror at once, handed to
-//! the log with the next append or after at most 2 ms, never awaited. Records that need only
+//! (`Delivered`) go through [`StoreGuard::submit_lazy`]: handed to the log with the next append
+//! or after at most 2 ms, never awaited. Records that need only
 //! follow the rest of the append (the `Sent` of a QoS 2 delivery given its packet id when
 //! routed) go through [`StoreGuard::defer_sent`] to its end, where they pack together. Records known
 //! before the lock is taken (a connection's flush: `Sent`, `Released`; a read of
 //! acknowledgements only: `Delivered`) go through [`Store::submit`] and [`Store::submit_lazy`],
 //! which pack and encode them first, so that the lock covers only what needs its order: adding
-//! them to the log's queue and the mirror's.
+//! them to the log's queue.
 //!
 //! One exception keeps the lock off most subscribers' reads: acknowledgements of deliveries
 //! (PUBACK, PUBREC, PUBCOMP) change only their own session's outgoing state, under the
@@ -30,13 +31,13 @@ use crate::session::{Session, SubOptions};
 use crate::store::SessionOp;
 use crate::store::wal::{FRAME_HEADER_LEN, MAX_RECORD_LEN, frame_in_place};
 use crate::store::{Commit, DeliveryStage, DurableState, FsyncPolicy, Record, RecordError};
-use crate::store::{StoreError, Wal, WalConfig, WalStats};
+use crate::store::{Snapshotter, StoreError, Wal, WalConfig, WalStats};
 use bytes::{BufMut, Bytes, BytesMut};
 use qosmos_mqtt::state::Inflight;
 use qosmos_mqtt::{MqttStr, PacketId, ProtocolVersion, Publish, QoS};
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Why the durable state could not be loaded.
@@ -61,83 +62,12 @@ pub enum OpenError {
     },
 }
 
-/// The write-ahead log and the mirror of what it holds.
+/// The write-ahead log, and what the broker asks of the durable state between compactions.
 #[derive(Debug)]
 pub(crate) struct Store {
     wal: Arc<Wal>,
     inner: Arc<Mutex<Inner>>,
-    mirror: Arc<Mirror>,
     compact_min_bytes: u64,
-}
-
-/// The mirror of the durable state, brought up to date outside the store lock: appends queue
-/// their records (in log order, under the store lock) and a thread applies them; whoever needs
-/// the mirror exact (compaction, a few queries) applies what is queued first.
-///
-/// Lock order: the store lock, then `state`, then `queue`; the applier takes `state`, then
-/// `queue`, and never the store lock. Whoever applies holds `state` while taking the queue,
-/// so that batches are applied in the order they were queued.
-#[derive(Debug)]
-struct Mirror {
-    state: Mutex<DurableState>,
-    queue: Mutex<MirrorQueue>,
-    wake: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct MirrorQueue {
-    records: Vec<Record>,
-    closed: bool,
-}
-
-/// The applier is woken once this many records are queued, not at every append: fewer
-/// wake-ups (a futex call under the store lock, a context switch of the applier) for the same
-/// work. What is queued is never lost to the mirror: [`Mirror::now`] applies it first.
-const MIRROR_BATCH: usize = 32;
-
-impl Mirror {
-    /// Queues `record` to be applied (call under the store lock, in log order).
-    fn push(&self, record: Record) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.records.push(record);
-        let wake = q.records.len() == MIRROR_BATCH;
-        drop(q);
-        if wake {
-            self.wake.notify_one();
-        }
-    }
-
-    /// The mirror with everything queued applied.
-    fn now(&self) -> MutexGuard<'_, DurableState> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let records =
-            std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).records);
-        for r in records {
-            state.apply(r);
-        }
-        state
-    }
-
-    /// The applier thread: applies what is queued until the store is dropped.
-    fn run(&self) {
-        loop {
-            {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                while q.records.is_empty() && !q.closed {
-                    q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
-                }
-                if q.records.is_empty() && q.closed {
-                    return;
-                }
-            }
-            drop(self.now());
-        }
-    }
-
-    fn close(&self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.wake.notify_one();
-    }
 }
 
 /// How long records submitted with [`StoreGuard::submit_lazy`] may wait for company.
@@ -153,12 +83,15 @@ struct Inner {
     lazy_records: u64,
     /// A task will hand `lazy` to the log after [`LAZY_DELAY`].
     lazy_armed: bool,
-    /// The clients with a session in the durable state, as of the last append (the mirror may
-    /// lag behind): what [`StoreGuard::has_session`] answers from, at every PUBLISH.
+    /// The clients with a session in the durable state, as of the last append: what
+    /// [`StoreGuard::has_session`] answers from, at every PUBLISH.
     sessions: HashSet<MqttStr>,
+    /// The clients with a pending will in the durable state, as of the last append.
+    wills: HashSet<MqttStr>,
     next_message_id: u64,
-    /// Size of the last snapshot written (the log right after a compaction).
-    last_snapshot_bytes: u64,
+    /// Size of the live state when the log was opened, what a compaction would have written:
+    /// the measure of [`StoreGuard::maybe_compact`] until this process compacts.
+    opened_snapshot_bytes: u64,
     /// A compaction was submitted: none again until the log reaches this generation.
     compacting_until: u64,
 }
@@ -205,36 +138,24 @@ impl Store {
             records.push(record);
         }
         let count = records.len();
-        let mirror = DurableState::replay(records);
+        let state = DurableState::replay(records);
         tracing::info!(
             dir = %wal.dir().display(),
             records = count,
-            sessions = mirror.sessions.len(),
-            messages = mirror.messages.len(),
-            retained = mirror.retained.len(),
+            sessions = state.sessions.len(),
+            messages = state.messages.len(),
+            retained = state.retained.len(),
             "durable state recovered"
         );
-        let state = mirror.clone();
         // What a compaction would write now: the log may grow to 4× that before one.
-        let live: u64 = mirror
+        let live: u64 = state
             .snapshot()
             .iter()
             .filter_map(|r| r.to_bytes().ok())
             .map(|b| b.len() as u64 + 8)
             .sum();
-        let sessions = mirror.sessions.keys().cloned().collect();
-        let mirror = Arc::new(Mirror {
-            state: Mutex::new(mirror),
-            queue: Mutex::new(MirrorQueue::default()),
-            wake: Condvar::new(),
-        });
-        let applier = mirror.clone();
-        std::thread::Builder::new()
-            .name("qosmos-mirror".into())
-            .spawn(move || applier.run())
-            .map_err(|e| StoreError::Failed {
-                reason: format!("cannot start the mirror thread: {e}"),
-            })?;
+        let sessions = state.sessions.keys().cloned().collect();
+        let wills = state.wills.keys().cloned().collect();
         let store = Store {
             wal: Arc::new(wal),
             inner: Arc::new(Mutex::new(Inner {
@@ -242,11 +163,11 @@ impl Store {
                 lazy_records: 0,
                 lazy_armed: false,
                 sessions,
+                wills,
                 next_message_id: max_id + 1,
-                last_snapshot_bytes: live.max(1),
+                opened_snapshot_bytes: live.max(1),
                 compacting_until: 0,
             })),
-            mirror,
             compact_min_bytes,
         };
         Ok((store, state))
@@ -339,31 +260,16 @@ impl StoreGuard<'_> {
 
     /// Whether the durable state has a pending will for `client`.
     pub(crate) fn has_will(&self, client: &str) -> bool {
-        self.store.mirror.now().wills.contains_key(client)
+        self.inner.wills.contains(client)
     }
 
-    /// Whether `client`'s durable session owes a delivery of `message_id`.
-    pub(crate) fn owes(&self, client: &str, message_id: u64) -> bool {
-        self.store
-            .mirror
-            .now()
-            .sessions
-            .get(client)
-            .is_some_and(|s| s.queue.iter().any(|d| d.message_id == message_id))
+    /// Keeps [`Inner::sessions`] and [`Inner::wills`] up to date with `record`.
+    fn note(&mut self, record: &Record) {
+        let inner = &mut *self.inner;
+        note_clients(&mut inner.sessions, &mut inner.wills, record);
     }
 
-    /// Whether the durable state holds `message_id`.
-    pub(crate) fn has_message(&self, message_id: u64) -> bool {
-        self.store.mirror.now().messages.contains_key(&message_id)
-    }
-
-    /// Keeps [`Inner::sessions`] up to date with `record`, and queues it for the mirror.
-    fn mirror(&mut self, record: Record) {
-        note_sessions(&mut self.inner.sessions, &record);
-        self.store.mirror.push(record);
-    }
-
-    /// Appends `records` to the log and the mirror, in the order of the lock. `None` when there
+    /// Appends `records` to the log, in the order of the lock. `None` when there
     /// is nothing to append. Compacts when the log has grown past its threshold.
     ///
     /// The records go to the log as one record ([`Record::pack`]): each client's session
@@ -391,7 +297,7 @@ impl StoreGuard<'_> {
             buf.extend_from_slice(&frames);
             buf
         };
-        self.mirror(encoded.packed);
+        self.note(&encoded.packed);
         let commit = self
             .store
             .wal
@@ -403,7 +309,7 @@ impl StoreGuard<'_> {
 
     /// [`StoreGuard::submit`] for records whose loss costs only a resend (`Delivered`): they
     /// are not handed to the log at once but wait, up to [`LAZY_DELAY`], to go with the next
-    /// append, saving the writer a wake-up and a write. Applied to the mirror now.
+    /// append, saving the writer a wake-up and a write.
     pub(crate) fn submit_lazy(&mut self, records: Vec<Record>) {
         if let Some(encoded) = Encoded::new(records) {
             self.submit_lazy_encoded(encoded);
@@ -426,7 +332,7 @@ impl StoreGuard<'_> {
             inner.lazy.extend_from_slice(&frames);
         }
         inner.lazy_records += n;
-        self.mirror(encoded.packed);
+        self.note(&encoded.packed);
         let inner = &mut *self.inner;
         if inner.lazy.len() >= LAZY_MAX_BYTES {
             drop(self.flush_lazy());
@@ -458,38 +364,71 @@ impl StoreGuard<'_> {
         take_lazy(&self.store.wal, &mut self.inner)
     }
 
+    /// Compacts when the log is past [`Config::compact_min_bytes`](crate::Config) and four
+    /// times the last snapshot. The snapshot is made from the log itself, read back and
+    /// replayed on the compaction's thread ([`Replay`]): the broker keeps no second copy of
+    /// the durable state for it, and the hot path pays nothing between compactions.
     fn maybe_compact(&mut self) {
         let wal = &self.store.wal;
         let len = wal.len_bytes();
         let inner = &mut *self.inner;
+        let base = wal
+            .last_snapshot_bytes()
+            .unwrap_or(inner.opened_snapshot_bytes);
         if len < self.store.compact_min_bytes
-            || len < inner.last_snapshot_bytes.saturating_mul(4)
+            || len < base.saturating_mul(4)
             || wal.generation() < inner.compacting_until
         {
             return;
         }
-        // Records waiting lazily are in the mirror: they go to the log before the snapshot.
-        drop(take_lazy(wal, inner));
-        let snapshot: Vec<Bytes> = {
-            let mut mirror = self.store.mirror.now();
-            mirror.collect_garbage();
-            mirror
-                .snapshot()
-                .iter()
-                .filter_map(|r| r.to_bytes().ok())
-                .collect()
-        };
-        let size: u64 = snapshot.iter().map(|b| b.len() as u64 + 8).sum();
-        inner.last_snapshot_bytes = size.max(1);
         inner.compacting_until = wal.generation() + 1;
         tracing::info!(
             log_bytes = len,
-            snapshot_bytes = size,
+            last_snapshot_bytes = base,
             "compacting the write-ahead log"
         );
-        // Not awaited: the writer installs it between commits; a failure stops the log, which
-        // every later commit then reports.
-        drop(wal.permit_now().compact(snapshot));
+        // Not awaited: the writer installs it between commits; a failure leaves the old log in
+        // use (and is logged), and the next append past the threshold tries again.
+        drop(
+            wal.permit_now()
+                .compact_from_log(Box::new(Replay::default())),
+        );
+    }
+}
+
+/// A compaction's snapshot: the log replayed into a [`DurableState`], as a restart would, and
+/// that state's [`DurableState::snapshot`] once unreferenced messages are collected.
+#[derive(Default)]
+struct Replay {
+    state: DurableState,
+    records: usize,
+}
+
+impl Snapshotter for Replay {
+    fn record(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let record = Record::decode(&bytes).map_err(|e| StoreError::Failed {
+            reason: format!(
+                "record {} of the log does not decode on reading it back: {e}",
+                self.records
+            ),
+        })?;
+        self.records += 1;
+        self.state.apply(record);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<Bytes>, StoreError> {
+        let mut state = self.state;
+        state.collect_garbage();
+        state
+            .snapshot()
+            .iter()
+            .map(|r| {
+                r.to_bytes().map_err(|e| StoreError::Failed {
+                    reason: format!("a snapshot record does not encode: {e}"),
+                })
+            })
+            .collect()
     }
 }
 
@@ -508,7 +447,6 @@ impl Drop for StoreGuard<'_> {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.mirror.close();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         drop(take_lazy(&self.wal, &mut inner));
     }
@@ -532,9 +470,9 @@ impl Encoded {
     }
 }
 
-/// Keeps the set of clients with a durable session up to date with `record`, as
-/// [`DurableState::apply`] will.
-fn note_sessions(sessions: &mut HashSet<MqttStr>, record: &Record) {
+/// Keeps the sets of clients with a durable session and with a pending will up to date with
+/// `record`, as [`DurableState::apply`] will.
+fn note_clients(sessions: &mut HashSet<MqttStr>, wills: &mut HashSet<MqttStr>, record: &Record) {
     match record {
         Record::SessionUpsert { client_id, .. } => {
             sessions.insert(client_id.clone());
@@ -542,9 +480,15 @@ fn note_sessions(sessions: &mut HashSet<MqttStr>, record: &Record) {
         Record::SessionDelete { client_id } => {
             sessions.remove(client_id);
         }
+        Record::WillPending { client_id, .. } => {
+            wills.insert(client_id.clone());
+        }
+        Record::WillDone { client_id } => {
+            wills.remove(client_id);
+        }
         Record::Composite(parts) => {
             for r in parts {
-                note_sessions(sessions, r);
+                note_clients(sessions, wills, r);
             }
         }
         _ => {}

@@ -459,8 +459,9 @@ async fn a_delivery_numbered_when_routed_does_not_overtake_a_queued_one() {
 }
 
 /// Compactions while messages are owed to an offline session and others are delivered and
-/// acknowledged by an online one: the snapshots are taken from the mirror, which a thread of
-/// its own brings up to date; after a restart the offline session gets every message once.
+/// acknowledged by an online one: each snapshot is the log read back and replayed on the
+/// compaction's thread while appends go on; after a restart the offline session gets every
+/// message once.
 /// (It caught the WAL writer dropping appends gathered into the commit that finished a
 /// compaction, about one run in ten; see `tests/wal.rs`.)
 /// (200 messages: the publisher's script says nothing until it is done, and the harness gives

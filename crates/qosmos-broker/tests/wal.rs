@@ -4,7 +4,9 @@
 
 use bytes::Bytes;
 use qosmos_broker::store::wal::{FORMAT_VERSION, HEADER_LEN, LOG_FILE, MAGIC, TMP_FILE};
-use qosmos_broker::store::{DurableState, FsyncPolicy, Record, StoreError, Wal, WalConfig};
+use qosmos_broker::store::{
+    DurableState, FsyncPolicy, Record, Snapshotter, StoreError, Wal, WalConfig,
+};
 use qosmos_mqtt::{PacketId, Publish, QoS, SubscriptionOptions};
 use std::path::Path;
 use std::sync::Arc;
@@ -431,6 +433,113 @@ async fn compaction_keeps_the_records_appended_after_the_snapshot() {
     assert_eq!(recovered.records.len(), expected.len());
     assert_eq!(recovered.records, expected);
     assert_eq!(recovered.truncated_bytes, 0);
+}
+
+/// Keeps what it is given, and gives it back with a marker in front: a snapshot that shows
+/// exactly which records the log read back.
+struct Echo {
+    seen: Vec<Bytes>,
+    fail_at: Option<usize>,
+}
+
+impl Snapshotter for Echo {
+    fn record(&mut self, record: Bytes) -> Result<(), StoreError> {
+        if self.fail_at == Some(self.seen.len()) {
+            return Err(StoreError::Failed {
+                reason: "refused by the test".into(),
+            });
+        }
+        self.seen.push(record);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<Bytes>, StoreError> {
+        let mut out = vec![Bytes::from_static(b"snapshot of")];
+        out.extend(self.seen);
+        Ok(out)
+    }
+}
+
+/// A compaction from the log reads back exactly the records appended before it was submitted
+/// (here, more than its read buffer holds), in order, while appends go on; the new log holds
+/// its snapshot, then those later appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_from_the_log_reads_back_what_came_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    let big = |i: usize| Bytes::from(format!("before {i} {}", "b".repeat(700 + i % 13)));
+    for chunk in (0..3000).collect::<Vec<_>>().chunks(100) {
+        wal.append(chunk.iter().map(|&i| big(i)).collect())
+            .await
+            .unwrap();
+    }
+    assert!(wal.len_bytes() > 2 << 20, "past the 1 MiB read buffer");
+    assert_eq!(wal.last_snapshot_bytes(), None);
+    let compaction = wal
+        .reserve()
+        .await
+        .unwrap()
+        .compact_from_log(Box::new(Echo {
+            seen: Vec::new(),
+            fail_at: None,
+        }));
+    let mut after = Vec::new();
+    for i in 100..300 {
+        after.push(wal.reserve().await.unwrap().append(vec![rec(i)]));
+    }
+    for commit in after {
+        commit.await.unwrap();
+    }
+    compaction.await.unwrap();
+    assert_eq!(wal.generation(), 2);
+    let snapshot_bytes: u64 = std::iter::once(11)
+        .chain((0..3000).map(|i| big(i).len()))
+        .map(|n| n as u64 + 8)
+        .sum();
+    assert_eq!(wal.last_snapshot_bytes(), Some(snapshot_bytes));
+    drop(wal);
+
+    let (_wal, recovered) = open(dir.path());
+    let mut expected = vec![Bytes::from_static(b"snapshot of")];
+    expected.extend((0..3000).map(big));
+    expected.extend((100..300).map(rec));
+    assert_eq!(recovered.records.len(), expected.len());
+    assert!(
+        recovered.records == expected,
+        "snapshot, then the later appends"
+    );
+}
+
+/// A snapshot that cannot be made (a record the replay refuses) abandons the compaction: the
+/// old log stays in use, whole, and takes appends as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_compaction_from_the_log_keeps_the_old_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path());
+    for i in 0..20 {
+        wal.append(vec![rec(i)]).await.unwrap();
+    }
+    let err = wal
+        .reserve()
+        .await
+        .unwrap()
+        .compact_from_log(Box::new(Echo {
+            seen: Vec::new(),
+            fail_at: Some(7),
+        }))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refused by the test"), "{err}");
+    assert!(!dir.path().join(TMP_FILE).exists(), "the new file removed");
+    for i in 20..30 {
+        wal.append(vec![rec(i)]).await.unwrap();
+    }
+    assert_eq!(wal.generation(), 1);
+    assert_eq!(wal.last_snapshot_bytes(), None);
+    drop(wal);
+
+    let (_wal, recovered) = open(dir.path());
+    assert_eq!(recovered.records, (0..30).map(rec).collect::<Vec<_>>());
 }
 
 /// Appends gathered into the same commit as the news that the compaction's new file is written

@@ -46,6 +46,10 @@ fn bad_flag_exits_2_with_one_line_naming_it() {
             "--no-such-flag",
         ),
         (&["sub", "-q", "1"][..], "--topic"),
+        (
+            &["broker", "--compact-min-bytes", "64MiB"][..],
+            "--compact-min-bytes",
+        ),
         (&["no-such-command"][..], "no-such-command"),
     ] {
         let mut cmd = qosmos();

@@ -7,7 +7,8 @@ use super::grow::{round_up, write_zeros};
 use super::wal::Recovered;
 use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// The first bytes of every log file.
@@ -136,6 +137,69 @@ pub(crate) fn parse_records(data: &Bytes) -> (Vec<Bytes>, usize) {
         pos = start + n;
     }
     (records, pos)
+}
+
+/// Reads the records of the log `file` back, in order, from its header up to `end`, handing
+/// each to `each`: what a compaction replays. `end` is a length the writer committed, so
+/// every frame below it was written whole and checks out; one that does not is an error (the
+/// compaction is then abandoned and the log stays), not a tail to cut. Reads through a buffer
+/// with positioned reads, so the writer may go on appending past `end` meanwhile, and memory
+/// holds one record at a time, not the log.
+pub(crate) fn read_back(
+    file: &File,
+    path: &Path,
+    end: u64,
+    mut each: impl FnMut(Bytes) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    /// `file` from `pos` to `end` as a reader.
+    struct Range<'a> {
+        file: &'a File,
+        pos: u64,
+        end: u64,
+    }
+    impl Read for Range<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let want = self.end.saturating_sub(self.pos).min(buf.len() as u64) as usize;
+            if want == 0 {
+                return Ok(0);
+            }
+            let n = self.file.read_at(&mut buf[..want], self.pos)?;
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+    let read_err = |e| StoreError::io("read back", path, e);
+    let mut r = BufReader::with_capacity(1 << 20, Range { file, pos: 0, end });
+    let mut head = [0u8; HEADER_LEN];
+    r.read_exact(&mut head).map_err(read_err)?;
+    read_header(path, &head)?;
+    let mut pos = HEADER_LEN as u64;
+    while pos < end {
+        let mut frame = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut frame).map_err(read_err)?;
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&frame[..4]);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&frame[4..]);
+        let n = u32::from_le_bytes(len) as usize;
+        let bad = || StoreError::Failed {
+            reason: format!(
+                "the record at byte {pos} of {} does not check out on reading it back",
+                path.display()
+            ),
+        };
+        if n > MAX_RECORD_LEN {
+            return Err(bad());
+        }
+        let mut payload = vec![0u8; n];
+        r.read_exact(&mut payload).map_err(read_err)?;
+        if frame_crc(len, &payload) != u32::from_le_bytes(crc) {
+            return Err(bad());
+        }
+        each(Bytes::from(payload))?;
+        pos += (FRAME_HEADER_LEN + n) as u64;
+    }
+    Ok(())
 }
 
 /// An open log: the file, where its records end (the next commit goes there), and its

@@ -5,7 +5,7 @@
 //!   every append waiting, writes them with one `write` and one `fdatasync`, and resolves them
 //!   all, so N publishers acknowledged at once share one flush. A helper thread keeps zeros
 //!   written and synced ahead of the records, so a commit overwrites existing blocks and its
-//!   sync need not write a new file size. [`Wal::compact`] replaces the log with a snapshot of
+//!   sync need not write a new file size. A compaction replaces the log with a snapshot of
 //!   the live state plus what was appended since.
 //! - [`record`]: [`Record`], one change to the durable state (a session, a subscription, a
 //!   stored message, a delivery owed and how far it got, a retained message, a will), with a
@@ -20,9 +20,12 @@
 //!
 //! The calling contract: change the in-memory state, [`Wal::append`] the records describing the
 //! change, and acknowledge (PUBACK, PUBREC, SUBACK) only once the append resolved. To compact,
-//! take [`DurableState::snapshot`] and submit it with [`AppendPermit::compact`] while holding
-//! the same lock under which appends are submitted (see [`Wal::reserve`]), so the snapshot
-//! covers exactly the appends submitted before it.
+//! either hand [`AppendPermit::compact_from_log`] a [`Snapshotter`], which gets the log's own
+//! records read back on the compaction's thread (the broker replays them into a
+//! [`DurableState`] and writes its [`DurableState::snapshot`], so it keeps no copy of that
+//! state between compactions), or take a snapshot yourself and submit it with
+//! [`AppendPermit::compact`] while holding the same lock under which appends are submitted (see
+//! [`Wal::reserve`]), so the snapshot covers exactly the appends submitted before it.
 //!
 //! # Why our own log rather than an embedded database
 //! - MQTT state is naturally a log of events (stored, enqueued, sent, released, delivered) that
@@ -78,4 +81,6 @@ pub use state::{
     Delivery, DeliveryStage, DurableState, IdHasher, MessageMap, PendingWill, SessionState,
     StoredMessage, StoredSubscription,
 };
-pub use wal::{AppendPermit, Commit, FsyncPolicy, Recovered, Wal, WalConfig, WalStats};
+pub use wal::{
+    AppendPermit, Commit, FsyncPolicy, Recovered, Snapshotter, Wal, WalConfig, WalStats,
+};

@@ -10,8 +10,8 @@ use std::hash::BuildHasherDefault;
 pub type MessageMap = HashMap<u64, StoredMessage, BuildHasherDefault<IdHasher>>;
 
 /// The hasher of the maps keyed by message id: ids are chosen by the broker (a counter), not
-/// by peers, so they need no protection against collision attacks, and SipHash cost the
-/// mirror as much as a lookup.
+/// by peers, so they need no protection against collision attacks, and SipHash cost a replay
+/// as much as a lookup.
 pub use qosmos_mqtt::state::IdHasher;
 
 /// Everything the broker promised durably: sessions with their subscriptions and owed

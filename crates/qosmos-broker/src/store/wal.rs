@@ -60,7 +60,7 @@ use super::error::StoreError;
 pub(crate) use super::file::{FRAME_HEADER_LEN, frame_in_place};
 use super::file::{put_frame, recover, sync_dir, write_new_log};
 use super::grow::FIRST_STEP;
-use super::writer::{Request, Shared, Writer};
+use super::writer::{Request, Shared, Snapshot, Writer};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::fs;
@@ -136,6 +136,18 @@ pub struct Recovered {
     pub truncated_bytes: u64,
     /// The generation of the log file (1 for a new log, +1 per compaction).
     pub generation: u64,
+}
+
+/// Builds a compaction's snapshot from the log's own records ([`AppendPermit::compact_from_log`]),
+/// on the compaction's thread: the writer reads the log back, from its first record up to where
+/// it ended when the compaction was taken, and hands each record to [`Snapshotter::record`] in
+/// order; [`Snapshotter::finish`] then gives the records the new log starts with. An error
+/// abandons the compaction: the old log stays in use.
+pub trait Snapshotter: Send + 'static {
+    /// The next record of the log.
+    fn record(&mut self, record: Bytes) -> Result<(), StoreError>;
+    /// The snapshot: records that, replayed, give what the records so far give.
+    fn finish(self: Box<Self>) -> Result<Vec<Bytes>, StoreError>;
 }
 
 /// Counters of the writer's work since the log was opened.
@@ -389,6 +401,14 @@ impl Wal {
         }
     }
 
+    /// The bytes of records the last compaction in this process wrote (its snapshot, framing
+    /// included, before the records appended meanwhile); `None` before the first.
+    pub fn last_snapshot_bytes(&self) -> Option<u64> {
+        let s = &self.shared;
+        (s.compactions.load(Ordering::Acquire) > 0)
+            .then(|| s.snapshot_bytes.load(Ordering::Relaxed))
+    }
+
     /// The (canonical) data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -457,7 +477,22 @@ impl AppendPermit {
     pub fn compact(self, snapshot: Vec<Bytes>) -> Commit {
         let (reply, rx) = oneshot::channel();
         let request = Request::Compact {
-            snapshot,
+            snapshot: Snapshot::Records(snapshot),
+            reply,
+            _permit: self.permit,
+        };
+        submit(&self.tx, request, rx)
+    }
+
+    /// Submits a compaction whose snapshot `builder` makes from the log itself, read back on
+    /// the compaction's thread: the caller keeps no copy of the state for it, and the snapshot
+    /// covers exactly the appends submitted before this call, whatever lock the caller holds.
+    /// The new log holds that snapshot followed by every record appended after this call;
+    /// the returned [`Commit`] resolves once it has replaced the old one.
+    pub fn compact_from_log(self, builder: Box<dyn Snapshotter>) -> Commit {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Compact {
+            snapshot: Snapshot::FromLog(builder),
             reply,
             _permit: self.permit,
         };

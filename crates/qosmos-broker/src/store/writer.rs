@@ -2,10 +2,11 @@
 
 use super::error::StoreError;
 use super::file::{
-    FRAME_HEADER_LEN, LOG_FILE, OpenLog, TMP_FILE, put_frame, sync_dir, write_tmp_log,
+    FRAME_HEADER_LEN, HEADER_LEN, LOG_FILE, OpenLog, TMP_FILE, put_frame, read_back, sync_dir,
+    write_tmp_log,
 };
 use super::grow::{Grower, step_for};
-use super::wal::FsyncPolicy;
+use super::wal::{FsyncPolicy, Snapshotter};
 use bytes::Bytes;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -31,11 +32,22 @@ pub(crate) struct Shared {
     pub(crate) writes: AtomicU64,
     pub(crate) fsyncs: AtomicU64,
     pub(crate) compactions: AtomicU64,
+    /// The bytes of records the last compaction wrote (its snapshot, before the tail).
+    pub(crate) snapshot_bytes: AtomicU64,
     pub(crate) grows: AtomicU64,
     pub(crate) grow_waits: AtomicU64,
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// What a compaction's new log starts with.
+pub(crate) enum Snapshot {
+    /// These records, taken by the caller.
+    Records(Vec<Bytes>),
+    /// The records this builds from the log itself, read back on the compaction's thread up
+    /// to where the log ends when the writer takes the request.
+    FromLog(Box<dyn Snapshotter>),
+}
 
 /// What the writer is asked to do, in queue order.
 pub(crate) enum Request {
@@ -46,7 +58,7 @@ pub(crate) enum Request {
         _permit: Option<OwnedSemaphorePermit>,
     },
     Compact {
-        snapshot: Vec<Bytes>,
+        snapshot: Snapshot,
         reply: Reply,
         _permit: Option<OwnedSemaphorePermit>,
     },
@@ -59,7 +71,11 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::Append { records, .. } => write!(f, "Append({records} records)"),
-            Request::Compact { snapshot, .. } => write!(f, "Compact({} records)", snapshot.len()),
+            Request::Compact {
+                snapshot: Snapshot::Records(r),
+                ..
+            } => write!(f, "Compact({} records)", r.len()),
+            Request::Compact { .. } => f.write_str("Compact(from the log)"),
             Request::CompactionDone(seq) => write!(f, "CompactionDone({seq})"),
             Request::Shutdown => f.write_str("Shutdown"),
         }
@@ -335,7 +351,7 @@ impl Writer {
         Ok(())
     }
 
-    fn start_compaction(&mut self, snapshot: Vec<Bytes>, reply: Reply) {
+    fn start_compaction(&mut self, snapshot: Snapshot, reply: Reply) {
         if let Some(reason) = &self.failed {
             let _ = reply.send(Err(StoreError::Failed {
                 reason: reason.clone(),
@@ -347,6 +363,9 @@ impl Writer {
         let generation = self.generation + 1;
         let dir = self.dir.clone();
         let wake = self.tx_for_helpers.clone();
+        // Everything gathered was flushed before this: the log ends at `self.len`, and what is
+        // committed from here on goes to the compaction's tail too.
+        let (file, log_path, end) = (self.file.clone(), self.log_path.clone(), self.len);
         // The new file gets as much space ahead as the old one would have grown by next: the
         // rate of appends does not change with a compaction.
         let ahead = if self.grower.is_some() {
@@ -358,6 +377,14 @@ impl Writer {
             .name("qosmos-wal-compact".into())
             .spawn(move || {
                 let result = (|| {
+                    let snapshot = match snapshot {
+                        Snapshot::Records(records) => records,
+                        Snapshot::FromLog(mut builder) => {
+                            read_back(&file, &log_path, end, |r| builder.record(r))?;
+                            drop(file);
+                            builder.finish()?
+                        }
+                    };
                     let size = snapshot.iter().map(|r| FRAME_HEADER_LEN + r.len()).sum();
                     let mut body = Vec::with_capacity(size);
                     for r in &snapshot {
@@ -411,9 +438,9 @@ impl Writer {
             }
             // Synced up to here: zeros and the tail, which may have gone past them.
             let ready = log.file_len.max(end);
-            Ok((log.file, end, ready))
+            Ok((log.file, end, ready, log.end - HEADER_LEN as u64))
         });
-        let (file, len, ready) = match prepared {
+        let (file, len, ready, snapshot_bytes) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "compaction failed; the old log stays in use");
@@ -445,7 +472,10 @@ impl Writer {
         let result = sync_dir(&self.dir);
         match &result {
             Ok(()) => {
-                self.shared.compactions.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .snapshot_bytes
+                    .store(snapshot_bytes, Ordering::Relaxed);
+                self.shared.compactions.fetch_add(1, Ordering::Release);
                 tracing::info!(
                     generation = c.generation,
                     bytes = len,

@@ -34,6 +34,11 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "QOSMOS_FSYNC", value_name = "POLICY", value_enum, default_value_t = Fsync::Always)]
     pub(crate) fsync: Fsync,
 
+    /// Compact the write-ahead log in --data-dir once it is larger than this and four times
+    /// its last snapshot (default 64 MiB). Compaction replays the log on a thread of its own.
+    #[arg(long, env = "QOSMOS_COMPACT_MIN_BYTES", value_name = "BYTES")]
+    pub(crate) compact_min_bytes: Option<u64>,
+
     /// Most client connections at once.
     #[arg(long, env = "QOSMOS_MAX_CONNECTIONS", value_name = "N")]
     pub(crate) max_connections: Option<usize>,
@@ -110,8 +115,10 @@ impl BrokerArgs {
             http_addr: self.http,
             data_dir: self.data_dir.clone(),
             fsync: self.fsync.policy(),
+            compact_min_bytes: self
+                .compact_min_bytes
+                .unwrap_or(Config::default().compact_min_bytes),
             limits,
-            ..Config::default()
         }
     }
 }
