@@ -139,6 +139,12 @@ impl BrokerHandle {
                     "Compactions completed.",
                     s.compactions,
                 ),
+                (
+                    "wal_compaction_failures",
+                    "counter",
+                    "Compactions that failed (the old log stayed in use; see the broker's log).",
+                    s.compaction_failures,
+                ),
             ] {
                 let _ = writeln!(out, "# HELP qosmos_broker_{name} {help}");
                 let _ = writeln!(out, "# TYPE qosmos_broker_{name} {kind}");

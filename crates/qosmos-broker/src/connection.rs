@@ -2,7 +2,7 @@
 //! to the session's state machines and the router, and writes whatever they produce.
 
 use crate::config::Limits;
-use crate::durable::{StoreGuard, storable, unix_ms_of};
+use crate::durable::{StoreGuard, storable, unix_ms, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
 use crate::park::Parker;
@@ -1459,7 +1459,7 @@ impl Conn {
     fn handle_subscribe(
         &mut self,
         s: Subscribe,
-        guard: Option<&mut StoreGuard<'_>>,
+        mut guard: Option<&mut StoreGuard<'_>>,
         batch: &mut Batch,
     ) {
         let id = s.properties.subscription_identifiers().next();
@@ -1504,42 +1504,32 @@ impl Conn {
             }
         }
         let mut messages = Vec::with_capacity(retained.len());
-        // The durable messages this session is owed, as the log will have it when this read's
-        // records reach it: those its queue names (a routed delivery is queued under the store
-        // lock that logs its `Enqueue`, which this read holds; a retained one right after its
-        // SUBACK, before this connection reads again), and those acknowledged in this read,
-        // whose `Delivered` goes to the log after what this read adds.
-        let owed: Vec<u64> = if durable && retained.iter().any(|(_, _, id)| id.is_some()) {
-            let st = self.session.lock();
-            st.message_ids
-                .values()
-                .copied()
-                .chain(batch.delivered.iter().copied())
-                .collect()
-        } else {
-            Vec::new()
-        };
         for (m, qos, message_id) in retained {
-            // Owed durably like any routed message, unless already owed (the same retained
-            // message twice before the first was delivered): a second `Enqueue` is ignored on
-            // replay, so this delivery would not be durable, and its steps would be taken for
-            // the first one's. A retained message's id is that of the stored message its
-            // retained topic references, so the durable state holds it.
-            let message_id = match (guard.as_deref(), message_id) {
-                (Some(_), Some(mid))
-                    if durable
-                        && qos != QoS::AtMostOnce
-                        && !owed.contains(&mid)
-                        && !batch.records.iter().any(|r| matches!(r, Record::Enqueue { message_id, .. } if *message_id == mid)) =>
-                {
+            // Owed durably like any routed message, as a stored message of its own: the
+            // retained one may already be owed to this session (routed to it a moment ago, or
+            // sent at an earlier SUBSCRIBE and not yet acknowledged), and a session owes at
+            // most one delivery per stored message (a second `Enqueue` is ignored on replay).
+            // A copy costs one more record per retained message sent at SUBSCRIBE, and keeps
+            // every delivery durable without asking the durable state what it owes.
+            let message_id = match (guard.as_deref_mut(), message_id) {
+                (Some(g), Some(_)) if durable && qos != QoS::AtMostOnce => {
+                    let copy = g.message_id();
+                    batch.records.push(Record::Message {
+                        id: copy,
+                        publish: storable(&m),
+                        expires_at_unix_ms: m
+                            .properties
+                            .message_expiry_interval()
+                            .map(|s| unix_ms() + u64::from(s) * 1000),
+                    });
                     batch.records.push(Record::Enqueue {
                         client_id: self.session.client.clone(),
-                        message_id: mid,
+                        message_id: copy,
                         qos,
                         retain: true,
                         subscription_ids: id.into_iter().collect(),
                     });
-                    Some(mid)
+                    Some(copy)
                 }
                 _ => None,
             };

@@ -92,8 +92,23 @@ struct Inner {
     /// Size of the live state when the log was opened, what a compaction would have written:
     /// the measure of [`StoreGuard::maybe_compact`] until this process compacts.
     opened_snapshot_bytes: u64,
-    /// A compaction was submitted: none again until the log reaches this generation.
-    compacting_until: u64,
+    /// The compaction submitted last, until the log reached its generation or it failed.
+    compacting: Option<Compacting>,
+    /// After a failed compaction, none again until the log is this long (twice its length
+    /// when the failed one was submitted): a failure that lasts (a full disk, a record that
+    /// does not decode) must not cost a replay of the whole log at every append.
+    retry_at_bytes: u64,
+}
+
+/// A compaction in progress, as [`StoreGuard::maybe_compact`] submitted it.
+#[derive(Debug, Clone, Copy)]
+struct Compacting {
+    /// The log's generation once it has replaced the log.
+    generation: u64,
+    /// [`WalStats::compaction_failures`] when it was submitted: more means it failed.
+    failures: u64,
+    /// The log's length when it was submitted.
+    len: u64,
 }
 
 /// The store locked: appends are submitted in the order the lock is taken.
@@ -166,7 +181,8 @@ impl Store {
                 wills,
                 next_message_id: max_id + 1,
                 opened_snapshot_bytes: live.max(1),
-                compacting_until: 0,
+                compacting: None,
+                retry_at_bytes: 0,
             })),
             compact_min_bytes,
         };
@@ -372,23 +388,40 @@ impl StoreGuard<'_> {
         let wal = &self.store.wal;
         let len = wal.len_bytes();
         let inner = &mut *self.inner;
+        if len < self.store.compact_min_bytes {
+            return;
+        }
+        if let Some(c) = inner.compacting {
+            if wal.generation() >= c.generation {
+                inner.compacting = None;
+                inner.retry_at_bytes = 0;
+            } else if wal.stats().compaction_failures > c.failures {
+                // Logged by the writer, counted in the metrics.
+                inner.compacting = None;
+                inner.retry_at_bytes = c.len.saturating_mul(2);
+            } else {
+                return;
+            }
+        }
         let base = wal
             .last_snapshot_bytes()
             .unwrap_or(inner.opened_snapshot_bytes);
-        if len < self.store.compact_min_bytes
-            || len < base.saturating_mul(4)
-            || wal.generation() < inner.compacting_until
-        {
+        if len < base.saturating_mul(4) || len < inner.retry_at_bytes {
             return;
         }
-        inner.compacting_until = wal.generation() + 1;
+        inner.compacting = Some(Compacting {
+            generation: wal.generation() + 1,
+            failures: wal.stats().compaction_failures,
+            len,
+        });
         tracing::info!(
             log_bytes = len,
             last_snapshot_bytes = base,
             "compacting the write-ahead log"
         );
-        // Not awaited: the writer installs it between commits; a failure leaves the old log in
-        // use (and is logged), and the next append past the threshold tries again.
+        // Not awaited: the writer installs it between commits. A failure leaves the old log in
+        // use (the writer logs it and counts it in `wal_compaction_failures`); the next try
+        // waits until the log has doubled.
         drop(
             wal.permit_now()
                 .compact_from_log(Box::new(Replay::default())),

@@ -254,10 +254,6 @@ impl<K: Eq + Hash, V> SmallMap<K, V> {
         self.0.as_ref().is_none_or(|m| m.is_empty())
     }
 
-    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().flat_map(|m| m.values())
-    }
-
     /// Empties the map and frees it.
     pub(crate) fn clear(&mut self) {
         self.0 = None;

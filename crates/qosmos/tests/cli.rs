@@ -50,6 +50,10 @@ fn bad_flag_exits_2_with_one_line_naming_it() {
             &["broker", "--compact-min-bytes", "64MiB"][..],
             "--compact-min-bytes",
         ),
+        (
+            &["broker", "--compact-min-bytes", "0"][..],
+            "--compact-min-bytes",
+        ),
         (&["no-such-command"][..], "no-such-command"),
     ] {
         let mut cmd = qosmos();

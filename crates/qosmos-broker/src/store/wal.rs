@@ -166,6 +166,8 @@ pub struct WalStats {
     pub fsyncs: u64,
     /// Compactions completed.
     pub compactions: u64,
+    /// Compactions that failed: the log they were to replace stayed in use.
+    pub compaction_failures: u64,
     /// Steps of zeros written and synced ahead of the log by its grower thread.
     pub grows: u64,
     /// Commits that had to wait for the grower because the space ahead ran out.
@@ -396,6 +398,7 @@ impl Wal {
             writes: s.writes.load(Ordering::Relaxed),
             fsyncs: s.fsyncs.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
+            compaction_failures: s.compaction_failures.load(Ordering::Relaxed),
             grows: s.grows.load(Ordering::Relaxed),
             grow_waits: s.grow_waits.load(Ordering::Relaxed),
         }

@@ -34,6 +34,7 @@ pub(crate) struct Shared {
     pub(crate) compactions: AtomicU64,
     /// The bytes of records the last compaction wrote (its snapshot, before the tail).
     pub(crate) snapshot_bytes: AtomicU64,
+    pub(crate) compaction_failures: AtomicU64,
     pub(crate) grows: AtomicU64,
     pub(crate) grow_waits: AtomicU64,
 }
@@ -351,11 +352,20 @@ impl Writer {
         Ok(())
     }
 
+    /// Answers a compaction that did not replace the log, and counts it.
+    fn compaction_failed(&self, reply: Reply, e: StoreError) {
+        self.shared
+            .compaction_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = reply.send(Err(e));
+    }
+
     fn start_compaction(&mut self, snapshot: Snapshot, reply: Reply) {
         if let Some(reason) = &self.failed {
-            let _ = reply.send(Err(StoreError::Failed {
+            let e = StoreError::Failed {
                 reason: reason.clone(),
-            }));
+            };
+            self.compaction_failed(reply, e);
             return;
         }
         self.compaction_seq += 1;
@@ -407,7 +417,7 @@ impl Writer {
                 });
             }
             Err(e) => {
-                let _ = reply.send(Err(StoreError::io("spawn compaction for", &self.dir, e)));
+                self.compaction_failed(reply, StoreError::io("spawn compaction for", &self.dir, e));
             }
         }
     }
@@ -445,7 +455,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "compaction failed; the old log stays in use");
                 let _ = fs::remove_file(&tmp);
-                let _ = c.reply.send(Err(e));
+                self.compaction_failed(c.reply, e);
                 return;
             }
         };
@@ -454,7 +464,7 @@ impl Writer {
             let e = StoreError::io("rename", &tmp_path, e);
             tracing::error!(error = %e, "compaction failed; the old log stays in use");
             let _ = fs::remove_file(&tmp_path);
-            let _ = c.reply.send(Err(e));
+            self.compaction_failed(c.reply, e);
             return;
         }
         // Renamed: the old file is unlinked, so from here on the new one is the log.
@@ -487,6 +497,9 @@ impl Writer {
                 // file that may not be the log after a restart.
                 tracing::error!(error = %e, "write-ahead log compaction could not sync its directory");
                 self.failed = Some(e.to_string());
+                self.shared
+                    .compaction_failures
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         let _ = c.reply.send(result);

@@ -36,7 +36,8 @@ pub(crate) struct BrokerArgs {
 
     /// Compact the write-ahead log in --data-dir once it is larger than this and four times
     /// its last snapshot (default 64 MiB). Compaction replays the log on a thread of its own.
-    #[arg(long, env = "QOSMOS_COMPACT_MIN_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QOSMOS_COMPACT_MIN_BYTES", value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) compact_min_bytes: Option<u64>,
 
     /// Most client connections at once.
