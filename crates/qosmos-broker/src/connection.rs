@@ -2,7 +2,7 @@
 //! to the session's state machines and the router, and writes whatever they produce.
 
 use crate::config::Limits;
-use crate::durable::{StoreGuard, storable, unix_ms, unix_ms_of};
+use crate::durable::{StoreGuard, storable, unix_ms_of};
 use crate::hub::{Hub, Routed};
 use crate::metrics::Metrics;
 use crate::park::Parker;
@@ -1520,7 +1520,7 @@ impl Conn {
                         expires_at_unix_ms: m
                             .properties
                             .message_expiry_interval()
-                            .map(|s| unix_ms() + u64::from(s) * 1000),
+                            .map(|s| unix_ms_of(now + Duration::from_secs(u64::from(s)))),
                     });
                     batch.records.push(Record::Enqueue {
                         client_id: self.session.client.clone(),

@@ -113,24 +113,49 @@ pub(crate) fn read_header(path: &Path, data: &[u8]) -> Result<(u64, u32), StoreE
     Ok((u64::from_le_bytes(generation), version))
 }
 
+/// A frame's header, `[len: u32 LE][crc: u32 LE]`, as read (recovery and compaction both).
+struct FrameHeader {
+    len: [u8; 4],
+    payload_len: usize,
+    crc: u32,
+}
+
+impl FrameHeader {
+    /// The header at the start of `head` (at least [`FRAME_HEADER_LEN`] bytes); `None` for a
+    /// length over [`MAX_RECORD_LEN`], which no writer of ours produces.
+    fn parse(head: &[u8]) -> Option<FrameHeader> {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(head.get(..4)?);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(head.get(4..FRAME_HEADER_LEN)?);
+        let payload_len = u32::from_le_bytes(len) as usize;
+        (payload_len <= MAX_RECORD_LEN).then_some(FrameHeader {
+            len,
+            payload_len,
+            crc: u32::from_le_bytes(crc),
+        })
+    }
+
+    /// Whether `payload` is the one this header's checksum covers.
+    fn checks(&self, payload: &[u8]) -> bool {
+        frame_crc(self.len, payload) == self.crc
+    }
+}
+
 /// Splits the records after the header; returns them and the length of the valid prefix.
 pub(crate) fn parse_records(data: &Bytes) -> (Vec<Bytes>, usize) {
     let mut records = Vec::new();
     let mut pos = HEADER_LEN;
-    while let Some(frame) = data.get(pos..pos + FRAME_HEADER_LEN) {
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&frame[..4]);
-        let mut crc = [0u8; 4];
-        crc.copy_from_slice(&frame[4..]);
-        let n = u32::from_le_bytes(len) as usize;
-        if n > MAX_RECORD_LEN {
+    while let Some(head) = data.get(pos..pos + FRAME_HEADER_LEN) {
+        let Some(frame) = FrameHeader::parse(head) else {
             break;
-        }
+        };
+        let n = frame.payload_len;
         let start = pos + FRAME_HEADER_LEN;
         let Some(payload) = data.get(start..start + n) else {
             break;
         };
-        if frame_crc(len, payload) != u32::from_le_bytes(crc) {
+        if !frame.checks(payload) {
             break;
         }
         records.push(data.slice(start..start + n));
@@ -175,25 +200,19 @@ pub(crate) fn read_back(
     read_header(path, &head)?;
     let mut pos = HEADER_LEN as u64;
     while pos < end {
-        let mut frame = [0u8; FRAME_HEADER_LEN];
-        r.read_exact(&mut frame).map_err(read_err)?;
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&frame[..4]);
-        let mut crc = [0u8; 4];
-        crc.copy_from_slice(&frame[4..]);
-        let n = u32::from_le_bytes(len) as usize;
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut head).map_err(read_err)?;
         let bad = || StoreError::Failed {
             reason: format!(
                 "the record at byte {pos} of {} does not check out on reading it back",
                 path.display()
             ),
         };
-        if n > MAX_RECORD_LEN {
-            return Err(bad());
-        }
+        let frame = FrameHeader::parse(&head).ok_or_else(bad)?;
+        let n = frame.payload_len;
         let mut payload = vec![0u8; n];
         r.read_exact(&mut payload).map_err(read_err)?;
-        if frame_crc(len, &payload) != u32::from_le_bytes(crc) {
+        if !frame.checks(&payload) {
             return Err(bad());
         }
         each(Bytes::from(payload))?;
